@@ -1,0 +1,28 @@
+"""peftkit: parameter-efficient fine-tuning for PyTorch models.
+
+The public API mirrors Hugging Face PEFT: ``get_peft_model(model, LoraConfig(...))`` returns a
+:class:`PeftModel` whose adapters save to and load from PEFT's ``adapter_config.json`` +
+``adapter_model.safetensors`` format.
+"""
+from .config import ConfigError, PeftConfig, PeftType, TaskType
+from .io.checkpoint import CheckpointError
+from .methods import LoraConfig
+from .model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PeftConfig", "PeftType", "TaskType", "ConfigError", "CheckpointError", "LoraConfig",
+    "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "get_peft_model",
+]

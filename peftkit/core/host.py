@@ -1,0 +1,193 @@
+"""AdapterHost: owns the user's model and every adapter injected into it.
+
+``PeftModel.base_model`` is an AdapterHost whose ``model`` attribute is the user's model, so
+parameter paths read ``base_model.model.<path>`` as in Hugging Face PEFT's files. The host is
+method-agnostic: it asks the registered Method for targets and Deltas, and manages activation,
+trainability, merging and removal through the Sites.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Union
+
+from torch import nn
+
+from .copies import ModuleCopy
+from .inject import attach, detach, iter_candidates, no_match_error, sites
+from .method import UnsupportedSite
+from .registry import get_method
+from .site import Site
+
+
+def _as_list(names: Union[str, Iterable[str]]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+class AdapterHost(nn.Module):
+    """The tuner wrapper around the user's model (``self.model``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict = {}
+        self.active_adapters: list[str] = []
+        self.trainable_base: dict[str, set[str]] = {}  # adapter -> base parameter names it trains
+
+    # ----- injection ------------------------------------------------------------------
+    def inject(self, adapter_name: str, config) -> None:
+        """Add adapter ``adapter_name`` described by ``config`` to every targeted module.
+
+        On any error nothing is left half-injected: the sites added so far are removed.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name "
+                             "or delete_adapter() it first.")
+        method = get_method(config.peft_type)
+        config = method.prepare(config, self.model)
+        done: list[str] = []
+        try:
+            targets = [(p, m) for p, m in iter_candidates(self.model)
+                       if method.is_target(config, p, m, self.model)]
+            if not targets:
+                raise no_match_error(config, self.model)
+            for path, module in targets:
+                base = module.base_layer if isinstance(module, Site) else module
+                if isinstance(module, Site) and any(d.replaces_base for d in module.deltas.values()):
+                    raise ValueError(f"{path} is in modules_to_save; it cannot also be an adapter target")
+                try:
+                    delta = method.make_delta(config, path, base, adapter_name)
+                except UnsupportedSite as e:
+                    raise UnsupportedSite(
+                        f"{path}: {e} {config.peft_type} supports: "
+                        f"{', '.join(method.supported_sites())}. Narrow target_modules or "
+                        "exclude_modules so that only supported layers are selected."
+                    ) from None
+                _match_device(delta, base)
+                attach(self.model, path, adapter_name, delta)
+                done.append(path)
+            for path in self._modules_to_save_paths(config):
+                module = self.model.get_submodule(path)
+                base = module.base_layer if isinstance(module, Site) else module
+                if isinstance(module, Site) and not any(d.replaces_base for d in module.deltas.values()):
+                    raise ValueError(f"{path} is an adapter target; it cannot also be in modules_to_save")
+                attach(self.model, path, adapter_name, ModuleCopy(base))
+                done.append(path)
+            self.peft_config[adapter_name] = config
+            method.after_inject(self, config, adapter_name)
+        except BaseException:
+            for path in done:
+                detach(self.model, path, adapter_name)
+            self.peft_config.pop(adapter_name, None)
+            self.trainable_base.pop(adapter_name, None)
+            raise
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if not self.active_adapters:
+            self.set_adapter(adapter_name)
+        else:
+            self.set_adapter(self.active_adapters)
+
+    def _modules_to_save_paths(self, config) -> list[str]:
+        names = getattr(config, "modules_to_save", None) or []
+        out = []
+        for path, _ in iter_candidates(self.model):
+            if any(path == n or path.endswith("." + n) for n in names):
+                out.append(path)
+        return out
+
+    # ----- activation and trainability ----------------------------------------------
+    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
+        """Activate exactly ``names``; their parameters become trainable unless in inference mode."""
+        names = _as_list(names)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"Unknown adapter {n!r}; loaded adapters: {sorted(self.peft_config)}")
+        self.active_adapters = names
+        for _, site in sites(self.model):
+            site.set_active(names)
+        self._apply_trainability()
+
+    def _apply_trainability(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for _, site in sites(self.model):
+            for n, d in site.deltas.items():
+                train = n in self.active_adapters and not self.peft_config[n].inference_mode
+                d.requires_grad_(train)
+        params = dict(self.model.named_parameters())
+        for n in self.active_adapters:
+            if self.peft_config[n].inference_mode:
+                continue
+            for pname in self.trainable_base.get(n, ()):
+                params[pname].requires_grad_(True)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` everywhere; the original modules return where no adapter is left."""
+        if name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {name!r}; loaded adapters: {sorted(self.peft_config)}")
+        for path, site in list(sites(self.model)):
+            if name in site.deltas:
+                detach(self.model, path, name)
+        del self.peft_config[name]
+        self.trainable_base.pop(name, None)
+        remaining = [a for a in self.active_adapters if a != name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = remaining
+        if remaining:
+            self.set_adapter(remaining)
+
+    # ----- merging ------------------------------------------------------------------
+    def merge(self, names=None, safe_merge: bool = False) -> None:
+        """Merge ``names`` (default: the active adapters) into the base weights."""
+        names = self.active_adapters if names is None else _as_list(names)
+        for _, site in sites(self.model):
+            site.merge(names, safe_merge=safe_merge)
+
+    def unmerge(self) -> None:
+        """Undo every merge."""
+        for _, site in sites(self.model):
+            site.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        """True when some adapter is merged into some site."""
+        return any(site.merged for _, site in sites(self.model))
+
+    def unload(self, merge: bool = False, names=None, safe_merge: bool = False) -> nn.Module:
+        """Put the original modules back, merging ``names`` first when ``merge``; returns the model."""
+        if merge:
+            self.merge(names, safe_merge=safe_merge)
+        else:
+            self.unmerge()
+        for path, site in list(sites(self.model)):
+            parent_path, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            setattr(parent, child, site.base_layer)
+        self.peft_config.clear()
+        self.active_adapters = []
+        self.trainable_base.clear()
+        return self.model
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model alone (merged adapters are unmerged for the block, then re-merged)."""
+        merged = {path: list(site.merged) for path, site in sites(self.model)}
+        all_sites = list(sites(self.model))
+        try:
+            for _, site in all_sites:
+                site.unmerge()
+                site.disabled = True
+                site._refresh()
+            yield
+        finally:
+            for path, site in all_sites:
+                site.disabled = False
+                site.merge(merged[path])
+
+
+def _match_device(delta: nn.Module, base: nn.Module) -> None:
+    for p in base.parameters():
+        if p.device.type != "meta":
+            delta.to(p.device)
+        return

@@ -1,0 +1,151 @@
+"""Target matching and reversible injection.
+
+Matching follows Hugging Face PEFT's rules so that the same config selects the same modules:
+a list of names matches a module path exactly or as a dotted suffix; a string is a regular
+expression matched with ``re.fullmatch``; ``"all-linear"`` picks every linear layer except the
+output head. ``exclude_modules`` uses the same rules. ``layers_to_transform`` keeps only modules
+inside the listed layer indices (found via ``layers_pattern`` or the first ``.<name>.<int>.``).
+
+Injection replaces a child with ``setattr`` on its parent and puts the original back on undo;
+nothing is monkeypatched.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional
+
+from torch import nn
+
+from .site import Site
+
+
+def linear_types() -> tuple[type, ...]:
+    """Module types that count as linear for ``"all-linear"`` (nn.Linear and GPT-2's Conv1D)."""
+    types: tuple[type, ...] = (nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types += (Conv1D,)
+    except Exception:  # transformers absent: plain torch models still work
+        pass
+    return types
+
+
+def _name_matches(spec, path: str) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == t or path.endswith("." + t) for t in spec)
+
+
+def _layer_index(path: str, layers_pattern) -> Optional[int]:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
+    if not patterns:
+        m = re.match(r".*\.[^.]*\.(\d+)\.", path)
+    else:
+        m = None
+        for p in patterns:
+            m = re.match(rf".*\.{p}\.(\d+)\.", path)
+            if m:
+                break
+    return int(m.group(1)) if m else None
+
+
+def _output_module(model: nn.Module) -> Optional[nn.Module]:
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None:
+        return None
+    try:
+        out = get()
+    except Exception:
+        return None
+    return out.base_layer if isinstance(out, Site) else out
+
+
+def matches_targets(config, path: str, module: nn.Module, model: nn.Module) -> bool:
+    """Whether ``module`` (at dotted ``path`` in ``model``) is selected by ``config``."""
+    if isinstance(module, Site):
+        module = module.base_layer
+    tm = getattr(config, "target_modules", None)
+    if tm == "all-linear":
+        found = isinstance(module, linear_types()) and module is not _output_module(model)
+    else:
+        found = _name_matches(tm, path)
+    if not found or _name_matches(getattr(config, "exclude_modules", None), path):
+        return False
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is not None:
+        idx = _layer_index(path, getattr(config, "layers_pattern", None))
+        if idx is None:
+            return False
+        return idx in layers if isinstance(layers, (list, tuple, set)) else idx == layers
+    return True
+
+
+def iter_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` that never descends into a Site (targets are sites, not their parts)."""
+    stack = [("", model)]
+    while stack:
+        prefix, mod = stack.pop()
+        for name, child in reversed(list(mod.named_children())):
+            path = f"{prefix}.{name}" if prefix else name
+            yield path, child
+            if not isinstance(child, Site):
+                stack.append((path, child))
+
+
+def no_match_error(config, model: nn.Module) -> ValueError:
+    """A ValueError naming the requested targets and some module names that do exist."""
+    names, seen = [], set()
+    for path, mod in iter_candidates(model):
+        base = mod.base_layer if isinstance(mod, Site) else mod
+        if isinstance(base, linear_types() + (nn.Embedding, nn.Conv1d, nn.Conv2d)):
+            last = path.rsplit(".", 1)[-1]
+            if last not in seen:
+                seen.add(last)
+                names.append(last)
+    return ValueError(
+        f"target_modules={getattr(config, 'target_modules', None)!r} "
+        f"(exclude_modules={getattr(config, 'exclude_modules', None)!r}, "
+        f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r}) matched no module "
+        f"of {type(model).__name__}. Layer names it has: {', '.join(names[:25]) or '(none)'}. "
+        "Pass names from this list, a regex matched against full dotted paths, or 'all-linear'."
+    )
+
+
+def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The parent module of ``path`` and the child's attribute name."""
+    if "." in path:
+        parent_path, child = path.rsplit(".", 1)
+        return model.get_submodule(parent_path), child
+    return model, path
+
+
+def attach(model: nn.Module, path: str, adapter_name: str, delta) -> Site:
+    """Put ``delta`` at ``path``: wrap the module in a Site (once) and add the delta to it."""
+    parent, child = get_parent(model, path)
+    current = getattr(parent, child)
+    if isinstance(current, Site):
+        site = current
+    else:
+        site = Site(current)
+        setattr(parent, child, site)
+    site.add(adapter_name, delta)
+    return site
+
+
+def detach(model: nn.Module, path: str, adapter_name: str) -> None:
+    """Remove one adapter from the Site at ``path``; restore the original module when empty."""
+    parent, child = get_parent(model, path)
+    site = getattr(parent, child)
+    site.remove(adapter_name)
+    if len(site.deltas) == 0:
+        setattr(parent, child, site.base_layer)
+
+
+def sites(model: nn.Module) -> Iterator[tuple[str, Site]]:
+    """All Sites in ``model`` with their paths."""
+    for path, mod in iter_candidates(model):
+        if isinstance(mod, Site):
+            yield path, mod

@@ -1,0 +1,211 @@
+"""Site: the wrapper that takes a targeted module's place in the model.
+
+A Site keeps the original module as ``base_layer`` and a ``deltas`` dict (adapter name -> Delta).
+It alone knows which adapters are active, which are merged into the base weight, how inputs are
+cast to each adapter's dtype, and how a batch whose rows use different adapters is routed.
+
+The per-call work is kept minimal: the list of deltas to run is recomputed only when the
+active/merged/disabled state changes, so a forward with one active adapter is one base call plus
+one delta call.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .method import Delta
+
+BASE = "__base__"  # row name meaning "no adapter" in mixed batches
+
+_ROUTING: contextvars.ContextVar[Optional["Routing"]] = contextvars.ContextVar("peftkit_routing", default=None)
+
+
+class Routing:
+    """Per-row adapter names for one mixed-adapter forward, with row indices cached per device."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self._groups: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def groups(self, device: torch.device, batch: int) -> dict[str, torch.Tensor]:
+        """Adapter name -> LongTensor of the batch rows that use it, on ``device``.
+
+        A batch ``k`` times longer than ``names`` (beam search, ``num_return_sequences``) repeats
+        each name ``k`` times in place, as generate() expands its inputs.
+        """
+        key = (device, batch)
+        g = self._groups.get(key)
+        if g is None:
+            n = len(self.names)
+            if batch % n:
+                raise ValueError(f"adapter_names has {n} entries but the batch has {batch} rows")
+            k = batch // n
+            rows: dict[str, list[int]] = {}
+            for i, name in enumerate(self.names):
+                rows.setdefault(name, []).extend(range(i * k, (i + 1) * k))
+            g = {name: torch.tensor(r, dtype=torch.long, device=device) for name, r in rows.items()}
+            self._groups[key] = g
+        return g
+
+
+@contextlib.contextmanager
+def adapter_routing(names: Optional[Sequence[str]]):
+    """Within this block, row ``i`` of every batch uses adapter ``names[i]`` (``"__base__"``: none)."""
+    token = _ROUTING.set(Routing(names) if names is not None else None)
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
+
+
+def _param_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+class Site(nn.Module):
+    """Wraps one targeted module and applies the active adapters' Deltas to its output."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltas = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self._run: list[tuple[Delta, Optional[torch.dtype]]] = []
+        self._replace: Optional[Delta] = None
+
+    # ----- attribute passthrough: code that reads e.g. `layer.weight` keeps working ------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    # ----- adapter bookkeeping ------------------------------------------------------
+    def add(self, name: str, delta: Delta) -> None:
+        """Attach ``delta`` under ``name`` (inactive until :meth:`set_active`)."""
+        if name in self.deltas:
+            raise ValueError(f"adapter {name!r} already exists at this site")
+        self.deltas[name] = delta
+        self._refresh()
+
+    def remove(self, name: str) -> None:
+        """Detach adapter ``name`` (unmerging it first if it is merged)."""
+        if name in self.merged:
+            self.unmerge(until=name)
+        del self.deltas[name]
+        self.active = [a for a in self.active if a != name]
+        self._refresh()
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Make exactly the adapters in ``names`` (those present here) active, in that order."""
+        self.active = [n for n in names if n in self.deltas]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        run, replace = [], None
+        if not self.disabled:
+            for n in self.active:
+                if n in self.merged:
+                    continue
+                d = self.deltas[n]
+                if d.replaces_base:
+                    replace = d
+                else:
+                    run.append((d, _param_dtype(d)))
+        self._run, self._replace = run, replace
+
+    # ----- forward ------------------------------------------------------------------
+    def forward(self, x, *args, **kwargs):
+        routing = _ROUTING.get()
+        if routing is not None:
+            return self._forward_mixed(routing, x, *args, **kwargs)
+        if self._replace is not None:
+            y = self._replace.replace(x, *args, **kwargs)
+        else:
+            y = self.base_layer(x, *args, **kwargs)
+        for delta, dtype in self._run:
+            y = self._apply(delta, dtype, x, y)
+        return y
+
+    def _apply(self, delta: Delta, dtype, x, y):
+        if dtype is None or not torch.is_floating_point(x) or x.dtype == dtype:
+            out = delta(x, y, self.base_layer)
+        else:
+            out = delta(x.to(dtype), y, self.base_layer)
+        return out if out.dtype == y.dtype else out.to(y.dtype)
+
+    def _forward_mixed(self, routing: Routing, x, *args, **kwargs):
+        if self.merged:
+            raise RuntimeError(
+                f"adapters {self.merged} are merged into the base weights; unmerge them "
+                "(model.unmerge_adapter()) before running mixed-adapter batches"
+            )
+        groups = [(self.deltas[n], idx) for n, idx in routing.groups(x.device, x.shape[0]).items() if n in self.deltas]
+        replacing = [(d, i) for d, i in groups if d.replaces_base]
+        if replacing:
+            y = self.base_layer(x, *args, **kwargs)
+            for d, idx in replacing:
+                y = y.index_copy(0, idx, d.replace(x[idx], *args, **kwargs).to(y.dtype))
+            return y
+        y = self.base_layer(x, *args, **kwargs)
+        if not groups:
+            return y
+        by_cls: dict[type, list] = {}
+        for d, idx in groups:
+            by_cls.setdefault(type(d), []).append((d, idx))
+        out = y
+        for cls, items in by_cls.items():
+            res = None
+            if len(items) > 1:
+                res = cls.forward_mixed([d for d, _ in items], [i for _, i in items], x, out, self.base_layer)
+            if res is not None:
+                out = res
+                continue
+            for d, idx in items:
+                part = self._apply(d, _param_dtype(d), x[idx], y[idx])
+                out = out.index_copy(0, idx, part)  # row groups are disjoint
+        return out
+
+    # ----- merging ------------------------------------------------------------------
+    def merge(self, names: Iterable[str], safe_merge: bool = False) -> None:
+        """Fold the named adapters present here into the base weight, in order."""
+        for n in names:
+            if n not in self.deltas or n in self.merged:
+                continue
+            d = self.deltas[n]
+            if not d.mergeable:
+                d.delta_weight(self.base_layer)  # raises the method's explanation
+            if safe_merge:
+                backup = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+                d.merge(self.base_layer)
+                bad = [k for k, v in self.base_layer.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+                if bad:
+                    self.base_layer.load_state_dict(backup)
+                    raise ValueError(f"merging adapter {n!r} produced NaN/inf in {bad}; base weights left unchanged")
+            else:
+                d.merge(self.base_layer)
+            self.merged.append(n)
+        self._refresh()
+
+    def unmerge(self, until: Optional[str] = None) -> None:
+        """Undo merges in reverse order (all of them, or down to and including ``until``)."""
+        while self.merged:
+            n = self.merged.pop()
+            self.deltas[n].unmerge(self.base_layer)
+            if n == until:
+                break
+        self._refresh()
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"

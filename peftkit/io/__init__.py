@@ -1,0 +1,1 @@
+"""Checkpoint I/O: Hugging Face PEFT's on-disk format, atomic saves, validated loads."""

@@ -1,0 +1,107 @@
+"""Hugging Face PEFT's tensor names <-> peftkit's modules, as pure functions of the host.
+
+PEFT writes ``base_model.model.<module path>.<suffix>`` with no adapter name: LoRA's
+``lora_A.weight``/``lora_B.weight``, ``lora_embedding_A/B`` for embeddings,
+``lora_magnitude_vector`` for DoRA, a ``modules_to_save`` copy under the module's own parameter
+names, trained biases under their parameter path (``...q_proj.base_layer.bias`` for a wrapped
+layer). Each Delta declares its suffixes (``peft_names``), so this module names no method.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..core.inject import sites
+from ..core.registry import get_method
+from .checkpoint import CheckpointError
+
+PREFIX = "base_model.model."
+
+
+def _delta_entries(host, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for path, site in sites(host.model):
+        if name not in site.deltas:
+            continue
+        delta = site.deltas[name]
+        local = delta.state_dict(keep_vars=True)
+        for suffix, tensor in delta.peft_state().items():
+            yield f"{PREFIX}{path}.{suffix}", local.get(delta.local_name(suffix), tensor)
+
+
+def adapter_state_dict(host, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under Hugging Face PEFT's keys."""
+    out = {k: v.detach() for k, v in _delta_entries(host, name)}
+    method = get_method(host.peft_config[name].peft_type)
+    for k, v in method.extra_state(host, host.peft_config[name], name).items():
+        out[PREFIX + k] = v.detach()
+    return out
+
+
+def _aliases(host, name: str) -> tuple[dict[str, str], set[str]]:
+    """PEFT spellings that mean the same tensor, and keys PEFT writes that carry no adapter state."""
+    alias, ignore = {}, set()
+    params = dict(host.model.named_parameters())
+    for path, site in sites(host.model):
+        if name not in site.deltas:
+            continue
+        if site.deltas[name].replaces_base:  # modules_to_save: PEFT may add these spellings
+            for pname in site.deltas[name].module.state_dict():
+                alias[f"{PREFIX}{path}.modules_to_save.{pname}"] = f"{PREFIX}{path}.{pname}"
+                ignore.add(f"{PREFIX}{path}.original_module.{pname}")
+        elif f"{path}.base_layer.weight" in params:
+            # PEFT saves the full embedding weight of targeted embeddings (resized vocabularies)
+            ignore.add(f"{PREFIX}{path}.base_layer.weight")
+    return alias, ignore
+
+
+def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
+    """Check ``tensors`` against adapter ``name`` and return (destination, value) pairs.
+
+    Nothing is written here, so a mismatch leaves the model untouched. The first missing,
+    unexpected or wrongly shaped tensor is named in the error.
+    """
+    expected = dict(_delta_entries(host, name))
+    method = get_method(host.peft_config[name].peft_type)
+    for k, v in method.extra_state(host, host.peft_config[name], name).items():
+        expected[PREFIX + k] = v
+    alias, ignore = _aliases(host, name)
+    params = dict(host.model.named_parameters())
+    plan, seen = [], set()
+    for key, value in tensors.items():
+        key = alias.get(key, key)
+        if key in ignore:
+            base_key = key[len(PREFIX):]
+            if base_key in params and params[base_key].shape == value.shape:
+                plan.append((params[base_key], value))
+            continue
+        if key not in expected:
+            sample = ", ".join(sorted(expected)[:3])
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has no place in this model. The adapter was probably "
+                f"trained on another architecture or with other target modules. Expected keys "
+                f"look like: {sample} ..."
+            )
+        dest = expected[key]
+        if tuple(dest.shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)} but this model needs "
+                f"{tuple(dest.shape)}. The adapter does not fit this base model (another size or "
+                "rank); load it onto the base it was trained on."
+            )
+        plan.append((dest, value))
+        seen.add(key)
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all). The file "
+            "is incomplete or belongs to a different configuration."
+        )
+    return plan
+
+
+@torch.no_grad()
+def apply_plan(plan) -> None:
+    """Copy each value into its destination tensor (casting dtype and device)."""
+    for dest, value in plan:
+        dest.data.copy_(value.to(device=dest.device, dtype=dest.dtype))

@@ -1,0 +1,263 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685), with DoRA and rsLoRA variants.
+
+Family: reparametrisation-based (Lialin et al. 2023, section 9).
+
+Equation, for a frozen weight ``W`` (out x in) and input ``x``::
+
+    y = W x + s * B (A dropout(x)),   A: r x in,  B: out x r,  s = alpha / r
+
+    x ──► W ──────────────► (+) ──► y
+    └──► dropout ─► A (r) ─► B ─► * s ─┘
+
+rsLoRA (Kalajdzievski 2023, arXiv:2312.03732) only changes the scale to ``s = alpha / sqrt(r)``,
+which keeps the update's magnitude stable as r grows.
+
+DoRA (Liu et al. 2024, arXiv:2402.09353) splits the weight into magnitude and direction::
+
+    W' = m * (W + s B A) / ||W + s B A||_c        (norm per output row, detached)
+    y  = W'x = y_base + (g - 1) * (W x) + g * s * B A x,   g = m / ||W + s B A||_c
+
+with ``m`` initialised to ``||W||_c`` so training starts at the base model. Following the paper
+(section 4.3) the norm is treated as a constant in backward.
+
+Initialisation (``init_lora_weights``): A Kaiming-uniform and B = 0 (the update starts at 0);
+"gaussian": A ~ N(0, 1/r); PiSSA/OLoRA: see init.py. Embeddings follow the LoRA reference:
+A = 0, B ~ N(0, 1).
+
+Site types: ``nn.Linear`` and GPT-2's ``Conv1D`` (weight stored in x out), ``nn.Embedding``
+(A: r x num_embeddings, B: dim x r, applied as a lookup), ``nn.Conv1d``/``nn.Conv2d`` (A is a
+conv with the base kernel, B a 1x1 conv). Every type is seen through one 2-D view of its weight,
+``W2`` (out x in_flat), so merging and DoRA are written once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.method import Delta
+
+
+class LoraDelta(Delta):
+    """Shared LoRA/DoRA math; subclasses give the low-rank path and the 2-D weight view."""
+
+    mergeable = True
+    peft_names = {"magnitude": "lora_magnitude_vector"}
+    channel_dim = -1  # where the output features sit in y
+
+    def __init__(self, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool):
+        super().__init__()
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.use_dora = use_dora
+        self.magnitude: Optional[nn.Parameter] = None
+        self._merge_norm: Optional[torch.Tensor] = None
+
+    # ----- per site type ----------------------------------------------------------
+    def lora(self, x: torch.Tensor) -> torch.Tensor:
+        """``B A x`` without scaling, in the site's output layout."""
+        raise NotImplementedError
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A2: r x in_flat, B2: out x r) as matrices."""
+        raise NotImplementedError
+
+    def weight_2d(self, base: nn.Module) -> torch.Tensor:
+        """The base weight as out x in_flat (a view where possible)."""
+        return base.weight.reshape(base.weight.shape[0], -1)
+
+    def from_2d(self, w2: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """Inverse of :meth:`weight_2d`."""
+        return w2.reshape(base.weight.shape)
+
+    def base_no_bias(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """``W x`` without bias, for DoRA when dropout changed the input."""
+        raise NotImplementedError
+
+    # ----- shared math ------------------------------------------------------------
+    def lora_weight_2d(self) -> torch.Tensor:
+        """``B2 @ A2`` (out x in_flat), unscaled."""
+        a2, b2 = self.factors()
+        return b2 @ a2
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """``s * B A`` in the base weight's native layout (plain LoRA only)."""
+        w = self.lora_weight_2d().to(base.weight.dtype) * self.scaling
+        return self.from_2d(w, base)
+
+    def init_magnitude(self, base: nn.Module) -> None:
+        """DoRA: m = ||W + s B A||_c, so the adapted model starts equal to the base."""
+        with torch.no_grad():
+            norm = self._weight_norm(base)
+        self.magnitude = nn.Parameter(norm.to(torch.float32 if norm.dtype in (torch.float16, torch.bfloat16) else norm.dtype))
+
+    def _weight_norm(self, base: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            w2 = self.weight_2d(base)
+            lw = self.lora_weight_2d().to(w2.dtype)
+            return torch.linalg.vector_norm(w2 + self.scaling * lw, dim=1)
+
+    def _shape_gain(self, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == -1:
+            return g
+        shape = [1] * y.dim()
+        shape[self.channel_dim] = -1
+        return g.view(shape)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.magnitude is None:
+            return torch.add(y, self.lora(self.dropout(x)), alpha=self.scaling)
+        g = self.magnitude.reshape(-1) / self._weight_norm(base).to(self.magnitude.dtype)
+        g = self._shape_gain(g, y)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_out = y
+            bias = getattr(base, "bias", None)
+            if bias is not None:
+                base_out = y - self._shape_gain(bias, y)
+            lora_out = self.lora(x)
+        else:
+            xd = self.dropout(x)
+            base_out = self.base_no_bias(xd, base)
+            lora_out = self.lora(xd)
+        return y + (g - 1) * base_out + g * self.scaling * lora_out
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        if self.magnitude is None:
+            return super().merge(base)
+        w2 = self.weight_2d(base)
+        new = w2 + self.scaling * self.lora_weight_2d().to(w2.dtype)
+        norm = torch.linalg.vector_norm(new, dim=1)
+        self._merge_norm = norm
+        new = (self.magnitude.reshape(-1).to(w2.dtype) / norm).unsqueeze(1) * new
+        base.weight.data.copy_(self.from_2d(new, base))
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        if self.magnitude is None:
+            return super().unmerge(base)
+        w2 = self.weight_2d(base)
+        old = w2 / (self.magnitude.reshape(-1).to(w2.dtype) / self._merge_norm).unsqueeze(1)
+        old = old - self.scaling * self.lora_weight_2d().to(w2.dtype)
+        base.weight.data.copy_(self.from_2d(old, base))
+        self._merge_norm = None
+
+    @classmethod
+    def forward_mixed(cls, deltas, rows, x, y, base):
+        """Rows of one batch through different plain-LoRA adapters with padded, batched matmuls.
+
+        Adapters are stacked (padded to the largest rank; the zero rows and columns contribute
+        nothing), each row gathers its own A and B, and two ``bmm`` calls do all of them at once.
+        DoRA and dropout fall back to per-adapter calls.
+        """
+        if cls is not LoraLinear or any(d.magnitude is not None or not isinstance(d.dropout, nn.Identity) for d in deltas):
+            return None
+        rmax = max(d.r for d in deltas)
+        dtype = deltas[0].lora_A.weight.dtype
+        n = x.shape[0]
+        a = x.new_zeros((len(deltas), rmax, x.shape[-1]), dtype=dtype)
+        b = x.new_zeros((len(deltas), y.shape[-1], rmax), dtype=dtype)
+        which = torch.zeros(n, dtype=torch.long, device=x.device)
+        for i, (d, idx) in enumerate(zip(deltas, rows)):
+            a[i, : d.r] = d.lora_A.weight
+            b[i, :, : d.r] = d.lora_B.weight * d.scaling
+            which[idx] = i
+        covered = torch.cat(rows)
+        xs = x[covered].to(dtype).reshape(len(covered), -1, x.shape[-1])
+        sel = which[covered]
+        h = torch.bmm(xs, a[sel].transpose(1, 2))
+        out = torch.bmm(h, b[sel].transpose(1, 2)).reshape(y[covered].shape)
+        return y.index_add(0, covered, out.to(y.dtype))
+
+
+class LoraLinear(LoraDelta):
+    """LoRA on ``nn.Linear`` (and on GPT-2's ``Conv1D`` with ``fan_in_fan_out``)."""
+
+    peft_names = {**LoraDelta.peft_names}
+
+    def __init__(self, in_features: int, out_features: int, fan_in_fan_out: bool = False, **kw):
+        super().__init__(**kw)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.Linear(in_features, self.r, bias=False)
+        self.lora_B = nn.Linear(self.r, out_features, bias=False)
+
+    def lora(self, x):
+        return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight)
+
+    def factors(self):
+        return self.lora_A.weight, self.lora_B.weight
+
+    def weight_2d(self, base):
+        return base.weight.T if self.fan_in_fan_out else base.weight
+
+    def from_2d(self, w2, base):
+        return w2.T if self.fan_in_fan_out else w2
+
+    def base_no_bias(self, x, base):
+        return F.linear(x, self.weight_2d(base).to(x.dtype))
+
+
+class LoraEmbedding(LoraDelta):
+    """LoRA on ``nn.Embedding``: ``y = E[x] + s * (A^T[x]) B^T``; no dropout on token ids."""
+
+    peft_names = {"lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B",
+                  **LoraDelta.peft_names}
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, base: nn.Embedding, **kw):
+        kw["dropout"] = 0.0
+        super().__init__(**kw)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(self.r, num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.zeros(embedding_dim, self.r))
+        self._embed_kw = dict(padding_idx=base.padding_idx, max_norm=base.max_norm,
+                              norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
+                              sparse=base.sparse)
+
+    def lora(self, x):
+        return F.embedding(x, self.lora_embedding_A.T, **self._embed_kw) @ self.lora_embedding_B.T
+
+    def factors(self):
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def weight_2d(self, base):
+        return base.weight.T  # (dim, num): output features first
+
+    def from_2d(self, w2, base):
+        return w2.T
+
+    def base_no_bias(self, x, base):
+        return F.embedding(x, base.weight, **self._embed_kw)
+
+
+class LoraConv(LoraDelta):
+    """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A is a conv with the base kernel, B a 1x1 conv."""
+
+    peft_names = {**LoraDelta.peft_names}
+    channel_dim = 1
+
+    def __init__(self, base: nn.Module, **kw):
+        super().__init__(**kw)
+        conv = type(base)
+        ones = (1,) * (base.weight.dim() - 2)
+        self.lora_A = conv(base.in_channels, self.r, base.kernel_size, base.stride, base.padding,
+                           dilation=base.dilation, bias=False)
+        self.lora_B = conv(self.r, base.out_channels, ones, ones, bias=False)
+
+    def lora(self, x):
+        return self.lora_B(self.lora_A(x))
+
+    def init_magnitude(self, base):
+        """DoRA on convolutions keeps Hugging Face PEFT's magnitude shape (1, out, 1, ...)."""
+        super().init_magnitude(base)
+        shape = (1, -1) + (1,) * (base.weight.dim() - 2)
+        self.magnitude = nn.Parameter(self.magnitude.detach().reshape(shape))
+
+    def factors(self):
+        return self.lora_A.weight.reshape(self.r, -1), self.lora_B.weight.reshape(-1, self.r)
+
+    def base_no_bias(self, x, base):
+        return base._conv_forward(x, base.weight.to(x.dtype), None)

@@ -1,0 +1,82 @@
+"""LoRA initialisation schemes.
+
+- Default (Hu et al. 2021): ``A`` Kaiming-uniform (a = sqrt 5), ``B = 0``: the update starts at 0.
+- Gaussian: ``A ~ N(0, 1/r)``, ``B = 0``.
+- PiSSA (Meng et al. 2024, arXiv:2404.02948): with ``W = U S V^T``, the adapter takes the top-r
+  principal part, ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T``, and the frozen weight
+  keeps the residual ``W - s B A``. ``pissa_niter_K`` uses a randomised SVD with K iterations.
+- OLoRA (Büyükakyüz 2024, arXiv:2406.01775): ``W = Q R``, ``B = Q[:, :r]``, ``A = R[:r]``, and
+  the frozen weight becomes ``W - s B A``.
+
+PiSSA and OLoRA modify the base weights. Their adapters are exact only on top of that residual
+base; :func:`to_plain_lora` turns a trained one into an ordinary LoRA of rank 2r that applies to
+the original weights: ``s(BA - B0A0) = s [B | -B0] [A ; A0]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def initialise(delta, init, base: nn.Module) -> None:
+    """Initialise ``delta``'s factors in place according to ``init`` (see module docstring)."""
+    a, b = delta.factors()
+    if init is False:
+        if hasattr(delta, "lora_embedding_A"):
+            a.normal_()
+            b.normal_()
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        return
+    if hasattr(delta, "lora_embedding_A"):
+        a.zero_()
+        b.normal_()
+        return
+    if init is True:
+        nn.init.kaiming_uniform_(delta.lora_A.weight, a=math.sqrt(5))
+        delta.lora_B.weight.zero_()
+    elif init == "gaussian":
+        nn.init.normal_(delta.lora_A.weight, std=1 / delta.r)
+        delta.lora_B.weight.zero_()
+    elif isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+        _principal_init(delta, init, base)
+    else:
+        raise ValueError(f"unknown init_lora_weights={init!r}")
+
+
+def _principal_init(delta, init: str, base: nn.Module) -> None:
+    from .delta import LoraLinear
+
+    if not isinstance(delta, LoraLinear):
+        raise ValueError(f"init_lora_weights={init!r} is implemented for linear layers only; "
+                         "exclude other layer types or use the default initialisation.")
+    w2 = delta.weight_2d(base)
+    dtype = w2.dtype
+    w = w2.float()
+    r, s = delta.r, delta.scaling
+    if init == "olora":
+        q, rr = torch.linalg.qr(w)
+        b, a = q[:, :r], rr[:r]
+    else:
+        if init == "pissa":
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            u, sv, vh = u[:, :r], sv[:r], vh[:r]
+        else:
+            niter = int(init[len("pissa_niter_"):])
+            u, sv, v = torch.svd_lowrank(w, q=r, niter=niter)
+            vh = v.T
+        root = torch.sqrt(sv / s)
+        b, a = u * root, root[:, None] * vh
+    delta.lora_A.weight.copy_(a.contiguous())
+    delta.lora_B.weight.copy_(b.contiguous())
+    residual = (w - s * b @ a).to(dtype)
+    base.weight.data.copy_(delta.from_2d(residual, base))
+
+
+def to_plain_lora(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') of rank 2r with ``B'A' = BA - B0A0``, for the original (non-residual) base."""
+    return torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)

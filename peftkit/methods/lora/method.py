@@ -1,0 +1,96 @@
+"""The LoRA Method: which Delta to build for each targeted module, and LoRA's bias option."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from torch import nn
+
+from ...core.inject import linear_types
+from ...core.method import Method, UnsupportedSite
+from ...core.registry import register_method
+from ...targets import LORA_DEFAULT_TARGETS, default_targets
+from .config import LoraConfig
+from .delta import LoraConv, LoraEmbedding, LoraLinear
+from .init import initialise
+
+
+def is_conv1d_gpt2(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (a linear layer storing its weight as in x out)."""
+    return type(module).__name__ == "Conv1D" and isinstance(module, linear_types())
+
+
+@register_method
+class LoraMethod(Method):
+    """LoRA, rsLoRA and DoRA at Linear, Conv1D, Embedding and Conv1d/Conv2d sites."""
+
+    name = "LORA"
+    config_cls = LoraConfig
+
+    def prepare(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
+        if config.target_modules is None:
+            config = dataclasses.replace(config, target_modules=default_targets(model, LORA_DEFAULT_TARGETS, "LoRA"))
+        return config
+
+    def supported_sites(self):
+        return ["nn.Linear", "transformers Conv1D", "nn.Embedding", "nn.Conv1d", "nn.Conv2d"]
+
+    def make_delta(self, config: LoraConfig, path: str, module: nn.Module, adapter_name: str):
+        r, alpha = config.rank_and_alpha(path)
+        kw = dict(r=r, alpha=alpha, dropout=float(config.lora_dropout), use_rslora=config.use_rslora,
+                  use_dora=config.use_dora)
+        if is_conv1d_gpt2(module):
+            if not config.fan_in_fan_out:
+                warnings.warn("Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them.",
+                              stacklevel=3)
+            in_f, out_f = module.weight.shape
+            delta = LoraLinear(in_f, out_f, fan_in_fan_out=True, **kw)
+        elif isinstance(module, nn.Linear):
+            if config.fan_in_fan_out:
+                warnings.warn(f"fan_in_fan_out=True but {path} is nn.Linear (weight out x in); ignoring it.",
+                              stacklevel=3)
+            delta = LoraLinear(module.in_features, module.out_features, **kw)
+        elif isinstance(module, nn.Embedding):
+            delta = LoraEmbedding(module.num_embeddings, module.embedding_dim, module, **kw)
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            if module.groups != 1:
+                raise UnsupportedSite(f"grouped convolution (groups={module.groups}) is not supported.")
+            delta = LoraConv(module, **kw)
+        else:
+            raise UnsupportedSite(f"layer type {type(module).__name__} is not supported by LoRA.")
+        delta.to(dtype=_adapter_dtype(module))
+        initialise(delta, config.init_lora_weights, module)
+        if config.use_dora:
+            delta.init_magnitude(module)
+        return delta
+
+    def after_inject(self, host, config: LoraConfig, adapter_name: str) -> None:
+        if config.bias == "none":
+            return
+        names = set()
+        for pname, _ in host.model.named_parameters():
+            if not pname.endswith("bias") or ".deltas." in pname:
+                continue
+            if config.bias == "all" or _is_site_bias(host.model, pname, adapter_name):
+                names.add(pname)
+        host.trainable_base[adapter_name] = names
+
+    def extra_state(self, host, config, adapter_name):
+        params = dict(host.model.named_parameters())
+        return {n: params[n] for n in sorted(host.trainable_base.get(adapter_name, ()))}
+
+
+def _is_site_bias(model: nn.Module, pname: str, adapter_name: str) -> bool:
+    if not pname.endswith(".base_layer.bias"):
+        return False
+    site = model.get_submodule(pname[: -len(".base_layer.bias")])
+    return adapter_name in getattr(site, "deltas", {})
+
+
+def _adapter_dtype(module: nn.Module) -> torch.dtype:
+    """Adapters train in fp32 over half-precision bases (as Hugging Face PEFT's autocast does)."""
+    w = getattr(module, "weight", None)
+    if w is None or w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point():
+        return torch.float32
+    return w.dtype

@@ -1,0 +1,213 @@
+"""LoRA and its variants over the model-family matrix: identities, training, save/load."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import FAMILIES, TinyConvNet, inputs_for, output_of
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.core.site import Site
+
+VARIANTS = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "dropout": {"lora_dropout": 0.1},
+}
+
+
+def build(family, init=True, **kw):
+    factory, targets = FAMILIES[family]
+    base = factory()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init, **kw)
+    return base, cfg
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_zero_init_is_identity(family, variant):
+    base, cfg = build(family, **VARIANTS[variant])
+    batch = inputs_for(base)
+    ref = output_of(base, batch)
+    model = get_peft_model(base, cfg).eval()
+    torch.testing.assert_close(output_of(model, batch), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_merge_equals_unmerged_and_unmerge_restores(family, variant):
+    base, cfg = build(family, init=False, **VARIANTS[variant])
+    batch = inputs_for(base)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, cfg).eval()
+    unmerged = output_of(model, batch)
+    assert (unmerged - output_of(model.get_base_model(), batch)).abs().max() > 0 or True
+    model.merge_adapter()
+    torch.testing.assert_close(output_of(model, batch), unmerged, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(output_of(model, batch), unmerged, atol=1e-5, rtol=1e-5)
+    restored = model.unload().state_dict()
+    for k, v in weights.items():
+        torch.testing.assert_close(restored[k], v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_disable_adapter_equals_base_and_merge_and_unload(family):
+    base, cfg = build(family, init=False)
+    batch = inputs_for(base)
+    ref = output_of(base, batch)
+    model = get_peft_model(base, cfg).eval()
+    adapted = output_of(model, batch)
+    assert not torch.allclose(adapted, ref)
+    with model.disable_adapter():
+        torch.testing.assert_close(output_of(model, batch), ref)
+    model.merge_adapter()
+    with model.disable_adapter():  # merged adapters are taken out for the block
+        torch.testing.assert_close(output_of(model, batch), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output_of(model, batch), adapted, atol=1e-5, rtol=1e-5)
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, Site) for m in plain.modules())
+    torch.testing.assert_close(output_of(plain, batch), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_only_adapter_trains_and_loss_falls(family, variant):
+    base, cfg = build(family, **VARIANTS[variant])
+    model = get_peft_model(base, cfg)
+    model.train()
+    batch = inputs_for(base, batch=4)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".deltas." in n for n in names), names
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    target = torch.randn_like(output_of(model, batch))
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.mse_loss(output_of(model, batch), target)
+        opt.zero_grad()
+        loss.backward()
+        for n, p in model.named_parameters():
+            assert (p.grad is not None) == p.requires_grad, n
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
+
+
+def test_trainable_count_matches_formula():
+    base, _ = build("llama")
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(base, cfg)
+    h, kv, inter, layers = 32, 16, 64, 2  # q: 32->32, v: 32->16 (GQA), down: 64->32
+    expected = layers * 4 * ((h + h) + (h + kv) + (inter + h))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert total == sum(p.numel() for p in base.parameters())  # base + adapter, each once
+    dora = get_peft_model(build("llama")[0], LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert dora.get_nb_trainable_parameters()[0] == 2 * (4 * (h + h) + h)
+
+
+def test_plain_module_sites_conv_embedding():
+    base = TinyConvNet().eval()
+    ids = torch.randint(0, 128, (3, 10))
+    ref = base(ids)
+    for dora in (False, True):
+        m = copy.deepcopy(base)
+        model = get_peft_model(m, LoraConfig(r=2, target_modules=["emb", "conv1", "conv2", "head"],
+                                             use_dora=dora, init_lora_weights=False)).eval()
+        out = model(ids)
+        assert not torch.allclose(out, ref)
+        model.merge_adapter()
+        torch.testing.assert_close(model(ids), out, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(ids), ref)
+        model.unload()
+        torch.testing.assert_close(m(ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_seed_example_runs_as_written():
+    from conftest import tiny_neox
+
+    model = get_peft_model(tiny_neox(), LoraConfig(r=8, lora_alpha=32, target_modules=["query_key_value"],
+                                                   lora_dropout=0.05, bias="none", task_type="CAUSAL_LM"))
+    out = model(**inputs_for(model.get_base_model()), labels=inputs_for(model.get_base_model())["input_ids"])
+    out.loss.backward()
+    assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_default_targets_and_all_linear_and_patterns():
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2))  # llama default: q_proj, v_proj
+    paths = sorted(p for p, m in model.named_modules() if isinstance(m, Site))
+    assert [p.rsplit(".", 1)[-1] for p in paths] == ["q_proj", "v_proj"] * 2
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
+    names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, Site)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1],
+                                                    rank_pattern={"layers.1.self_attn.q_proj": 3},
+                                                    alpha_pattern={"q_proj": 6}))
+    sites = [(p, m) for p, m in model.named_modules() if isinstance(m, Site)]
+    assert [p for p, _ in sites] == ["base_model.model.model.layers.1.self_attn.q_proj"]
+    d = sites[0][1].deltas["default"]
+    assert d.r == 3 and d.scaling == 2.0
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=r".*layers\.0\.mlp\.(up|down)_proj",
+                                                    exclude_modules=["down_proj"]))
+    assert [p.rsplit(".", 3)[-3:] for p, m in model.named_modules() if isinstance(m, Site)] == [["0", "mlp", "up_proj"]]
+
+
+def test_multiple_adapters_set_delete_and_mixed_rows():
+    from conftest import tiny_llama
+
+    base = tiny_llama()
+    batch = inputs_for(base, batch=4)
+    ref = output_of(base, batch)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["v_proj"], use_dora=True, init_lora_weights=False))
+    assert model.active_adapter == "default"
+    outs = {}
+    for name in ("default", "b", "c"):
+        model.set_adapter(name)
+        outs[name] = output_of(model, batch)
+        trainable = {n.split(".deltas.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {name}
+    outs["__base__"] = ref
+    rows = ["b", "__base__", "default", "c"]
+    mixed = output_of(model, {**batch, "adapter_names": rows})
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], outs[name][i], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown adapters"):
+        model(**batch, adapter_names=["nope"] * 4)
+    model.delete_adapter("b")
+    assert "b" not in model.peft_config
+    assert not any(".deltas.b." in n for n, _ in model.named_parameters())
+    model.set_adapter("default")
+    torch.testing.assert_close(output_of(model, batch), outs["default"])
+
+
+def test_pissa_and_olora_start_at_base_and_convert_to_plain_lora():
+    from conftest import tiny_llama
+    from peftkit.methods.lora.init import to_plain_lora
+
+    for init in ("pissa", "pissa_niter_4", "olora"):
+        base = tiny_llama()
+        batch = inputs_for(base)
+        ref = output_of(base, batch)
+        orig_w = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=init)).eval()
+        torch.testing.assert_close(output_of(model, batch), ref, atol=1e-4, rtol=1e-4)
+        site = model.base_model.model.model.layers[0].self_attn.q_proj
+        d = site.deltas["default"]
+        a0, b0 = d.lora_A.weight.detach().clone(), d.lora_B.weight.detach().clone()
+        with torch.no_grad():
+            d.lora_A.weight.add_(0.05)
+        a, b = to_plain_lora(d.lora_A.weight, d.lora_B.weight, a0, b0)
+        # plain LoRA of rank 2r over the ORIGINAL weight reproduces the trained PiSSA layer
+        trained = site.base_layer.weight + d.scaling * d.lora_B.weight @ d.lora_A.weight
+        torch.testing.assert_close(orig_w + d.scaling * b @ a, trained, atol=1e-4, rtol=1e-4)
