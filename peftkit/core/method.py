@@ -32,12 +32,23 @@ class Delta(nn.Module):
     mergeable: ClassVar[bool] = False
     #: True when the delta computes the whole output itself (full trainable copies).
     replaces_base: ClassVar[bool] = False
+    #: True when the delta rescales the site's *input* before the base layer runs
+    #: ((IA)^3 on feed-forward layers: ``y = W (l * x)``); see :meth:`transform_input`.
+    transforms_input: ClassVar[bool] = False
     #: Local parameter name -> suffix in Hugging Face PEFT's file (``lora_A.weight`` ...).
     peft_names: ClassVar[dict[str, str]] = {}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """Return the adapted output given input ``x`` and the base output ``y``."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x, y, base)")
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """For ``transforms_input`` deltas: the input the base layer should see instead of ``x``.
+
+        Input-transforming deltas run before the base layer; their :meth:`forward` is then called
+        with the transformed input's base output and should usually return ``y`` unchanged.
+        """
+        return x
 
     # ----- merging ------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> torch.Tensor:

@@ -80,6 +80,7 @@ class Site(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self._run: list[tuple[Delta, Optional[torch.dtype]]] = []
+        self._pre: list[tuple[Delta, Optional[torch.dtype]]] = []
         self._replace: Optional[Delta] = None
 
     # ----- attribute passthrough: code that reads e.g. `layer.weight` keeps working ------
@@ -113,7 +114,7 @@ class Site(nn.Module):
         self._refresh()
 
     def _refresh(self) -> None:
-        run, replace = [], None
+        run, pre, replace = [], [], None
         if not self.disabled:
             for n in self.active:
                 if n in self.merged:
@@ -123,7 +124,15 @@ class Site(nn.Module):
                     replace = d
                 else:
                     run.append((d, _param_dtype(d)))
-        self._run, self._replace = run, replace
+                    if d.transforms_input:
+                        pre.append((d, _param_dtype(d)))
+        self._run, self._pre, self._replace = run, pre, replace
+
+    def _base(self, x, pre, *args, **kwargs):
+        for d, dtype in pre:
+            xt = x if dtype is None or x.dtype == dtype else x.to(dtype)
+            x = d.transform_input(xt).to(x.dtype)
+        return self.base_layer(x, *args, **kwargs)
 
     # ----- forward ------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
@@ -132,6 +141,8 @@ class Site(nn.Module):
             return self._forward_mixed(routing, x, *args, **kwargs)
         if self._replace is not None:
             y = self._replace.replace(x, *args, **kwargs)
+        elif self._pre:
+            y = self._base(x, self._pre, *args, **kwargs)
         else:
             y = self.base_layer(x, *args, **kwargs)
         for delta, dtype in self._run:
@@ -173,7 +184,9 @@ class Site(nn.Module):
                 out = res
                 continue
             for d, idx in items:
-                part = self._apply(d, _param_dtype(d), x[idx], y[idx])
+                dt = _param_dtype(d)
+                y_rows = self._base(x[idx], [(d, dt)], *args, **kwargs) if d.transforms_input else y[idx]
+                part = self._apply(d, dt, x[idx], y_rows)
                 out = out.index_copy(0, idx, part)  # row groups are disjoint
         return out
 
