@@ -135,8 +135,10 @@ class PeftConfig:
             )
         try:
             cfg = target(**kwargs)
-        except TypeError as e:
+        except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: invalid value in {target.__name__} ({e}).") from None
         cfg.validate_types(source)
         return cfg
 

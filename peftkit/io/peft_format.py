@@ -68,7 +68,7 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
     alias, ignore = _aliases(host, name)
     params = dict(host.model.named_parameters())
     plan, seen = [], set()
-    for key, value in tensors.items():
+    for key, value in sorted(tensors.items()):
         key = alias.get(key, key)
         if key in ignore:
             base_key = key[len(PREFIX):]

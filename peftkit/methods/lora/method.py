@@ -70,7 +70,7 @@ class LoraMethod(Method):
             return
         names = set()
         for pname, _ in host.model.named_parameters():
-            if not pname.endswith("bias") or ".deltas." in pname:
+            if not pname.endswith("bias") or ".deltas." in pname or _in_module_copy(host.model, pname):
                 continue
             if config.bias == "all" or _is_site_bias(host.model, pname, adapter_name):
                 names.add(pname)
@@ -86,6 +86,14 @@ def _is_site_bias(model: nn.Module, pname: str, adapter_name: str) -> bool:
         return False
     site = model.get_submodule(pname[: -len(".base_layer.bias")])
     return adapter_name in getattr(site, "deltas", {})
+
+
+def _in_module_copy(model: nn.Module, pname: str) -> bool:
+    """A base bias of a ``modules_to_save`` site: its trainable copy already holds one."""
+    if not pname.endswith(".base_layer.bias"):
+        return False
+    site = model.get_submodule(pname[: -len(".base_layer.bias")])
+    return any(d.replaces_base for d in getattr(site, "deltas", {}).values())
 
 
 def _adapter_dtype(module: nn.Module) -> torch.dtype:
