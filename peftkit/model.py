@@ -221,6 +221,20 @@ class PeftModel(nn.Module):
             raise
         return peft_model
 
+    # ----- combining and hot-swapping (peftkit/combine.py, peftkit/hotswap.py) ----------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """Add ``adapter_name`` combining LoRA ``adapters``; see :func:`peftkit.combine.add_weighted_adapter`."""
+        from .combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+    def hotswap_adapter(self, model_id: str, adapter_name: str = "default", **kwargs: Any) -> None:
+        """Replace ``adapter_name``'s weights in place from a saved adapter; see :mod:`peftkit.hotswap`."""
+        from .hotswap import hotswap_adapter
+
+        hotswap_adapter(self, model_id, adapter_name, **kwargs)
+
 
 class PeftModelForCausalLM(PeftModel):
     """Causal language modelling (``TaskType.CAUSAL_LM``)."""
