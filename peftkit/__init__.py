@@ -7,6 +7,8 @@ The public API mirrors Hugging Face PEFT: ``get_peft_model(model, LoraConfig(...
 from .config import ConfigError, PeftConfig, PeftType, TaskType
 from .io.checkpoint import CheckpointError
 from .methods import LoraConfig
+from .methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LNTuningConfig,  # noqa: E402
+                      LoHaConfig, LoKrConfig, VeraConfig)
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -21,6 +23,8 @@ from .model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "IA3Config", "LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig", "LNTuningConfig",
+    "BitFitConfig", "BottleneckConfig",
     "PeftConfig", "PeftType", "TaskType", "ConfigError", "CheckpointError", "LoraConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification",

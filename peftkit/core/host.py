@@ -8,6 +8,7 @@ trainability, merging and removal through the Sites.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterable, Iterator, Union
 
 from torch import nn
@@ -33,6 +34,19 @@ class AdapterHost(nn.Module):
         self.active_adapters: list[str] = []
         self.trainable_base: dict[str, set[str]] = {}  # adapter -> base parameter names it trains
 
+    def __getattr__(self, name: str):
+        """Functions a loaded method offers on the host (``Method.host_api``), e.g. AdaLoRA's
+        ``update_and_allocate``; called with the host as first argument."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            configs = self.__dict__.get("peft_config") or {}
+            for config in configs.values():
+                fn = get_method(config.peft_type).host_api().get(name)
+                if fn is not None:
+                    return functools.partial(fn, self)
+            raise
+
     # ----- injection ------------------------------------------------------------------
     def inject(self, adapter_name: str, config) -> None:
         """Add adapter ``adapter_name`` described by ``config`` to every targeted module.
@@ -52,7 +66,7 @@ class AdapterHost(nn.Module):
                 raise no_match_error(config, self.model)
             for path, module in targets:
                 base = module.base_layer if isinstance(module, Site) else module
-                if isinstance(module, Site) and any(d.replaces_base for d in module.deltas.values()):
+                if isinstance(module, Site) and any(type(d) is ModuleCopy for d in module.deltas.values()):
                     raise ValueError(f"{path} is in modules_to_save; it cannot also be an adapter target")
                 try:
                     delta = method.make_delta(config, path, base, adapter_name)
@@ -68,7 +82,7 @@ class AdapterHost(nn.Module):
             for path in self._modules_to_save_paths(config):
                 module = self.model.get_submodule(path)
                 base = module.base_layer if isinstance(module, Site) else module
-                if isinstance(module, Site) and not any(d.replaces_base for d in module.deltas.values()):
+                if isinstance(module, Site) and not all(type(d) is ModuleCopy for d in module.deltas.values()):
                     raise ValueError(f"{path} is an adapter target; it cannot also be in modules_to_save")
                 attach(self.model, path, adapter_name, ModuleCopy(base))
                 done.append(path)

@@ -11,7 +11,7 @@ Delta it builds for each, and how its parameter names map to Hugging Face PEFT's
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 from torch import nn
@@ -125,6 +125,11 @@ class Method:
 
     def extra_state(self, host: nn.Module, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
         """Tensors saved with the adapter that live outside its Deltas (keys under the model)."""
+        return {}
+
+    def host_api(self) -> dict[str, Callable[..., Any]]:
+        """Functions offered as ``peft_model.base_model.<name>(...)`` while an adapter of this
+        method is loaded; each is called with the host first (AdaLoRA's ``update_and_allocate``)."""
         return {}
 
     def supported_sites(self) -> Iterable[str]:

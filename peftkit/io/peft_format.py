@@ -17,6 +17,7 @@ from ..core.registry import get_method
 from .checkpoint import CheckpointError
 
 PREFIX = "base_model.model."
+HOST_PREFIX = "base_model."
 
 
 def _delta_entries(host, name: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -34,8 +35,14 @@ def adapter_state_dict(host, name: str) -> dict[str, torch.Tensor]:
     out = {k: v.detach() for k, v in _delta_entries(host, name)}
     method = get_method(host.peft_config[name].peft_type)
     for k, v in method.extra_state(host, host.peft_config[name], name).items():
-        out[PREFIX + k] = v.detach()
+        out[_extra_key(k)] = v.detach()
     return out
+
+
+def _extra_key(key: str) -> str:
+    """A method's extra tensor key: paths in the model get PEFT's prefix; keys that already start
+    with ``base_model.`` are host-level tensors (VeRA's shared ``base_model.vera_A``) kept as given."""
+    return key if key.startswith(HOST_PREFIX) else PREFIX + key
 
 
 def _aliases(host, name: str) -> tuple[dict[str, str], set[str]]:
@@ -64,7 +71,7 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
     expected = dict(_delta_entries(host, name))
     method = get_method(host.peft_config[name].peft_type)
     for k, v in method.extra_state(host, host.peft_config[name], name).items():
-        expected[PREFIX + k] = v
+        expected[_extra_key(k)] = v
     alias, ignore = _aliases(host, name)
     params = dict(host.model.named_parameters())
     plan, seen = [], set()

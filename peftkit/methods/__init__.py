@@ -4,3 +4,11 @@ Families follow Lialin et al., "Scaling Down to Scale Up" (2023): additive, sele
 reparametrisation-based and hybrid.
 """
 from .lora import LoraConfig  # noqa: F401  reparametrisation: LoRA, rsLoRA, DoRA, PiSSA, OLoRA
+from .ia3 import IA3Config  # noqa: F401  additive: (IA)^3 learned rescaling
+from .bottleneck import BottleneckConfig  # noqa: F401  additive: Houlsby, Pfeiffer, parallel adapters
+from .bitfit import BitFitConfig  # noqa: F401  selective: biases only
+from .ln_tuning import LNTuningConfig  # noqa: F401  selective: normalisation layers
+from .loha import LoHaConfig  # noqa: F401  reparametrisation: Hadamard product
+from .lokr import LoKrConfig  # noqa: F401  reparametrisation: Kronecker product
+from .vera import VeraConfig  # noqa: F401  reparametrisation: shared random projections
+from .adalora import AdaLoraConfig  # noqa: F401  reparametrisation: SVD form with rank pruning

@@ -1,0 +1,92 @@
+"""Small helpers shared by the non-LoRA methods: layer shapes, target defaults, config checks.
+
+Kept here so each method file holds only its own math. Nothing in this module names a method.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..core.inject import linear_types
+from ..targets import default_targets
+
+
+def is_conv1d_gpt2(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (a linear layer whose weight is stored in x out)."""
+    return type(module).__name__ == "Conv1D" and isinstance(module, linear_types())
+
+
+def linear_dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
+    """(in_features, out_features, weight_is_in_by_out) of a linear-like layer, else None."""
+    if is_conv1d_gpt2(module):
+        i, o = module.weight.shape
+        return int(i), int(o), True
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    return None
+
+
+def weight_2d(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in_flat): transposes Conv1D, flattens conv kernels."""
+    if is_conv1d_gpt2(module):
+        return module.weight.T
+    return module.weight.reshape(module.weight.shape[0], -1)
+
+
+def from_2d(w2: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Inverse of :func:`weight_2d`: an (out, in_flat) matrix in the layer's native layout."""
+    if is_conv1d_gpt2(module):
+        return w2.T
+    return w2.reshape(module.weight.shape)
+
+
+def adapter_dtype(module: nn.Module) -> torch.dtype:
+    """Adapters train in fp32 over half-precision bases (PEFT's autocast does the same)."""
+    w = getattr(module, "weight", None)
+    if w is None or not w.is_floating_point() or w.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return w.dtype
+
+
+def with_default_targets(config: Any, model: nn.Module, table: dict, method: str, **extra: Any) -> Any:
+    """``config`` with ``target_modules`` filled from ``table`` when unset (clear error if no row)."""
+    if getattr(config, "target_modules", None) is None:
+        return dataclasses.replace(config, target_modules=default_targets(model, table, method), **extra)
+    return dataclasses.replace(config, **extra) if extra else config
+
+
+def normalise_targets(config: Any, *fields: str) -> None:
+    """Sets and tuples of module names become sorted lists (JSON has neither)."""
+    for f in fields or ("target_modules", "exclude_modules"):
+        v = getattr(config, f, None)
+        if isinstance(v, (set, tuple)):
+            setattr(config, f, sorted(v))
+
+
+def check_positive_int(config: Any, *names: str) -> None:
+    """Each named field must be a positive int; the error names the field and the value."""
+    for n in names:
+        v = getattr(config, n)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{type(config).__name__}.{n} must be a positive integer, got {v!r}.")
+
+
+def check_probability(config: Any, *names: str) -> None:
+    """Each named field must lie in [0, 1)."""
+    for n in names:
+        v = getattr(config, n)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+            raise ConfigError(f"{type(config).__name__}.{n} must be a probability in [0, 1), got {v!r}.")
+
+
+def check_layers(config: Any) -> None:
+    """PEFT's rules for ``layers_to_transform`` / ``layers_pattern``."""
+    if getattr(config, "layers_pattern", None) and getattr(config, "layers_to_transform", None) is None:
+        raise ConfigError(f"{type(config).__name__}.layers_pattern needs layers_to_transform to be set too.")
+    if isinstance(getattr(config, "target_modules", None), str) and getattr(config, "layers_to_transform", None) is not None:
+        raise ConfigError("layers_to_transform cannot be combined with a regex target_modules; "
+                          "put the layer indices in the regex instead.")
