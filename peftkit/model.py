@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import PeftConfig, TaskType
 from .core.host import AdapterHost
+from .core.prompt import PromptHost, is_prompt_config
 from .core.site import BASE, adapter_routing
 from .io.checkpoint import WEIGHTS_NAME, atomic_save_tensors, load_tensors
 from .io.peft_format import adapter_state_dict, apply_plan, load_plan
@@ -36,7 +37,8 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any):
         super().__init__()
-        self.base_model = AdapterHost(model)
+        # prompt methods (virtual tokens) have their own host: core/prompt.py
+        self.base_model = PromptHost(model) if is_prompt_config(peft_config) else AdapterHost(model)
         self.add_adapter(adapter_name, peft_config)
 
     # ----- passthrough ----------------------------------------------------------------
@@ -80,11 +82,17 @@ class PeftModel(nn.Module):
 
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """Run the model; ``adapter_names[i]`` picks row ``i``'s adapter for a mixed batch."""
+        if isinstance(self.base_model, PromptHost):
+            _no_mixed_prompts(adapter_names)
+            return self.base_model(*args, **kwargs)
         with self._routing(adapter_names):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """The base model's ``generate`` with the adapters applied (per row with ``adapter_names``)."""
+        if isinstance(self.base_model, PromptHost):
+            _no_mixed_prompts(adapter_names)
+            return self.base_model.generate(*args, **kwargs)
         with self._routing(adapter_names):
             return self.base_model.model.generate(*args, **kwargs)
 
@@ -102,6 +110,10 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new adapter (inactive unless it is the first one)."""
+        if is_prompt_config(peft_config) != isinstance(self.base_model, PromptHost):
+            raise ValueError(f"A {peft_config.peft_type} adapter cannot be added to a model holding "
+                             f"{sorted({c.peft_type for c in self.peft_config.values()})} adapters: prompt methods "
+                             "and layer methods do not mix in one PeftModel. Wrap a fresh base model instead.")
         self.base_model.inject(adapter_name, self._with_task_heads(peft_config))
 
     def set_adapter(self, adapter_name: Union[str, Iterable[str]]) -> None:
@@ -158,6 +170,8 @@ class PeftModel(nn.Module):
     # ----- save / load ------------------------------------------------------------------
     def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """Adapter tensors under Hugging Face PEFT's keys (what save_pretrained writes)."""
+        if isinstance(self.base_model, PromptHost):
+            return self.base_model.adapter_state_dict(adapter_name)
         return adapter_state_dict(self.base_model, adapter_name)
 
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
@@ -195,7 +209,7 @@ class PeftModel(nn.Module):
         tensors = load_tensors(folder)
         self.add_adapter(adapter_name, config)
         try:
-            apply_plan(load_plan(self.base_model, adapter_name, tensors, folder))
+            apply_plan(_plan(self.base_model, adapter_name, tensors, folder))
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
             raise
@@ -215,7 +229,7 @@ class PeftModel(nn.Module):
             cls = TASK_CLASSES[config.task_type]
         peft_model = cls(model, config, adapter_name)
         try:
-            apply_plan(load_plan(peft_model.base_model, adapter_name, tensors, folder))
+            apply_plan(_plan(peft_model.base_model, adapter_name, tensors, folder))
         except BaseException:
             peft_model.base_model.unload()
             raise
@@ -234,6 +248,18 @@ class PeftModel(nn.Module):
         from .hotswap import hotswap_adapter
 
         hotswap_adapter(self, model_id, adapter_name, **kwargs)
+
+
+def _plan(host, adapter_name, tensors, folder):
+    if isinstance(host, PromptHost):
+        return host.load_plan(adapter_name, tensors, folder)
+    return load_plan(host, adapter_name, tensors, folder)
+
+
+def _no_mixed_prompts(adapter_names) -> None:
+    if adapter_names is not None:
+        raise ValueError("adapter_names (mixed-adapter batches) is not supported with prompt methods; "
+                         "set_adapter() one adapter and run the batch with it.")
 
 
 class PeftModelForCausalLM(PeftModel):

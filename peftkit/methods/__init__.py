@@ -4,6 +4,9 @@ Families follow Lialin et al., "Scaling Down to Scale Up" (2023): additive, sele
 reparametrisation-based and hybrid.
 """
 from .lora import LoraConfig  # noqa: F401  reparametrisation: LoRA, rsLoRA, DoRA, PiSSA, OLoRA
+from .prompt_tuning import PromptTuningConfig, PromptTuningInit  # noqa: F401  additive: soft prompts
+from .p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType  # noqa: F401  additive
+from .prefix_tuning import PrefixTuningConfig  # noqa: F401  additive: per-layer KV prefixes
 from .ia3 import IA3Config  # noqa: F401  additive: (IA)^3 learned rescaling
 from .bottleneck import BottleneckConfig  # noqa: F401  additive: Houlsby, Pfeiffer, parallel adapters
 from .bitfit import BitFitConfig  # noqa: F401  selective: biases only
@@ -12,3 +15,4 @@ from .loha import LoHaConfig  # noqa: F401  reparametrisation: Hadamard product
 from .lokr import LoKrConfig  # noqa: F401  reparametrisation: Kronecker product
 from .vera import VeraConfig  # noqa: F401  reparametrisation: shared random projections
 from .adalora import AdaLoraConfig  # noqa: F401  reparametrisation: SVD form with rank pruning
+from .adaption_prompt import AdaptionPromptConfig  # noqa: F401  additive: LLaMA-Adapter gated prompts

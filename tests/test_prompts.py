@@ -1,0 +1,296 @@
+"""Soft prompts and LLaMA-Adapter over the model-family matrix: shapes, training, generate, save/load."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import VOCAB, inputs_for, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from peftkit import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig,
+                     PromptTuningConfig, get_peft_model)
+
+V = 3
+FAMILIES = {"llama": (tiny_llama, "CAUSAL_LM"), "gpt2": (tiny_gpt2, "CAUSAL_LM"),
+            "bert": (tiny_bert_cls, "SEQ_CLS"), "t5": (tiny_t5, "SEQ_2_SEQ_LM")}
+METHODS = {
+    "prompt": lambda task: PromptTuningConfig(task_type=task, num_virtual_tokens=V),
+    "p_mlp": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=V, encoder_hidden_size=16),
+    "p_lstm": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=V, encoder_hidden_size=8,
+                                               encoder_reparameterization_type="LSTM"),
+    "prefix": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=V),
+    "prefix_proj": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=V, prefix_projection=True,
+                                                   encoder_hidden_size=16),
+    "adaption": lambda task: AdaptionPromptConfig(task_type=task, adapter_len=V, adapter_layers=2),
+}
+ADAPTION_FAMILIES = ("llama", "gpt2")
+EMBEDDING_METHODS = ("prompt", "p_mlp", "p_lstm")
+
+
+def cases(families=tuple(FAMILIES), methods=tuple(METHODS)):
+    return [(f, m) for f in families for m in methods if m != "adaption" or f in ADAPTION_FAMILIES]
+
+
+def build(family, method):
+    factory, task = FAMILIES[family]
+    torch.manual_seed(0)
+    return factory, get_peft_model(factory(), METHODS[method](task))
+
+
+def batch_for(family, model, padded=True):
+    b = inputs_for(model, batch=2, seq=6)
+    if padded:
+        b["attention_mask"][0, :2] = 0
+    task = FAMILIES[family][1]
+    if task == "CAUSAL_LM":
+        b["labels"] = b["input_ids"].clone()
+    elif task == "SEQ_CLS":
+        b["labels"] = torch.tensor([0, 1])
+    else:
+        b["labels"] = b.pop("decoder_input_ids")
+    return b
+
+
+def randomise(model):
+    """Make the adapter do something (adaption gates start at zero)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("family,method", cases())
+def test_forward_shapes_and_labels(family, method):
+    _, model = build(family, method)
+    b = batch_for(family, model)
+    out = model(**b)
+    B, T = b["input_ids"].shape
+    task = FAMILIES[family][1]
+    if task == "CAUSAL_LM":
+        extra = V if method in EMBEDDING_METHODS else 0  # virtual input tokens show in the logits
+        assert out.logits.shape == (B, T + extra, VOCAB)
+    elif task == "SEQ_CLS":
+        assert out.logits.shape == (B, 2)
+    else:
+        assert out.logits.shape == (B, b["labels"].shape[1], VOCAB)
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("family,method", cases())
+def test_only_prompt_trains_and_loss_falls(family, method):
+    _, model = build(family, method)
+    model.train()
+    b = batch_for(family, model, padded=False)
+    b["labels"] = torch.full_like(b["labels"], 1)  # toy task: always token 1 (or class 1)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=0.1)
+    losses = []
+    for _ in range(15):
+        loss = model(**b).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def greedy_uncached(model, ids, steps):
+    seq = ids
+    for _ in range(steps):
+        nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return seq
+
+
+@pytest.mark.parametrize("family,method", cases(("llama", "gpt2")))
+def test_generate_cache_equals_uncached_and_left_padding(family, method):
+    _, model = build(family, method)
+    randomise(model)
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    for row, start in ((0, 0), (1, 2)):
+        alone = model.generate(input_ids=ids[row:row + 1, start:], **kw)
+        assert batched[row, 5:].tolist() == alone[0, 5 - start:].tolist()
+        reference = greedy_uncached(model, ids[row:row + 1, start:], 6)
+        assert alone.tolist() == reference.tolist()
+    assert batched[:, :5].tolist() == ids.tolist()  # output = inputs + new tokens, as without adapters
+
+
+@pytest.mark.parametrize("method", ["prompt", "p_mlp", "prefix"])
+def test_seq2seq_generate_equals_uncached(method):
+    _, model = build("t5", method)
+    randomise(model)
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    dec = torch.tensor([[0]])
+    for _ in range(5):
+        nxt = model(input_ids=ids, decoder_input_ids=dec).logits[:, -1].argmax(-1, keepdim=True)
+        dec = torch.cat([dec, nxt], 1)
+    assert out.tolist() == dec.tolist()
+
+
+@pytest.mark.parametrize("family,method", cases())
+def test_save_load_identity(family, method, tmp_path):
+    factory, model = build(family, method)
+    randomise(model)
+    model.eval()
+    b = batch_for(family, model)
+    ref = model(**b).logits
+    model.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(factory(), str(tmp_path)).eval()
+    torch.testing.assert_close(loaded(**b).logits, ref, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_adaption_prompt_starts_at_base_and_disable(family):
+    factory, model = build(family, "adaption")
+    b = batch_for(family, model)
+    base = factory().eval()
+    model.eval()
+    torch.testing.assert_close(model(**b).logits, base(**b).logits, atol=0, rtol=0)
+    randomise(model)
+    assert not torch.allclose(model(**b).logits, base(**b).logits)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(**b).logits, base(**b).logits, atol=0, rtol=0)
+    plain = model.unload()
+    assert type(plain.get_submodule(FAMILY_ATTN[family])).__name__ != "AdaptedAttention"
+    torch.testing.assert_close(plain(**b).logits, base(**b).logits, atol=0, rtol=0)
+
+
+FAMILY_ATTN = {"llama": "model.layers.1.self_attn", "gpt2": "transformer.h.1.attn"}
+
+
+@pytest.mark.parametrize("family,method", cases(methods=("prompt", "prefix")))
+def test_disable_adapter_runs_base(family, method):
+    factory, model = build(family, method)
+    model.eval()
+    b = batch_for(family, model)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(**b).logits, factory().eval()(**b).logits, atol=1e-5, rtol=0)
+
+
+def test_resume_training_through_the_encoder(tmp_path):
+    factory, model = build("llama", "p_mlp")
+    randomise(model)
+    model.save_pretrained(str(tmp_path))
+    resumed = PeftModel.from_pretrained(factory(), str(tmp_path), is_trainable=True)
+    enc, enc2 = model.base_model.prompt_encoder["default"], resumed.base_model.prompt_encoder["default"]
+    assert type(enc2).__name__ == "PromptEncoder"  # the MLP came back, not only its output
+    for (n, p), (_, q) in zip(enc.state_dict().items(), enc2.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert resumed.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
+    b = batch_for("llama", model)
+    resumed.train()
+    resumed(**b).loss.backward()
+    assert enc2.mlp_head[0].weight.grad is not None
+
+
+def test_multiple_prompt_adapters_switch_and_delete():
+    factory, model = build("llama", "prompt")
+    model.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V))
+    model.eval()
+    b = batch_for("llama", model)
+    first = model(**b).logits
+    model.set_adapter("other")
+    assert not torch.allclose(model(**b).logits, first)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        ["base_model.prompt_encoder.other.embedding.weight"]
+    model.delete_adapter("other")
+    torch.testing.assert_close(model(**b).logits, first, atol=0, rtol=0)
+
+
+def test_gradient_checkpointing():
+    for method in ("prompt", "adaption"):
+        _, model = build("llama", method)
+        model.get_base_model().gradient_checkpointing_enable()
+        model.train()
+        randomise(model)
+        model(**batch_for("llama", model)).loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    base = tiny_llama()
+    base.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        get_peft_model(base, METHODS["prefix"]("CAUSAL_LM"))
+
+
+def test_print_trainable_parameters_exact(capsys):
+    _, model = build("llama", "prompt")
+    model.print_trainable_parameters()
+    total = sum(p.numel() for p in tiny_llama().parameters()) + V * 32
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: {V * 32:,d} || all params: {total:,d} || trainable%: {100 * V * 32 / total:.4f}")
+
+
+def test_prompt_init_sample_vocab_and_text(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {w: i for i, w in enumerate(["[UNK]", "classify", "the", "sentiment"])}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(tmp_path))
+    base = tiny_llama()
+    emb = base.get_input_embeddings().weight.detach().clone()
+    cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, prompt_tuning_init="TEXT",
+                             prompt_tuning_init_text="classify the sentiment", tokenizer_name_or_path=str(tmp_path))
+    model = get_peft_model(base, cfg)
+    got = model.base_model.prompt_encoder["default"].embedding.weight
+    torch.testing.assert_close(got, emb[[1, 2, 3, 1, 2]])  # repeated, then cut to V
+    model = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                            prompt_tuning_init="SAMPLE_VOCAB"))
+    got = model.base_model.prompt_encoder["default"].embedding.weight
+    assert all(any(torch.equal(r, e) for e in emb) for r in got)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: get_peft_model(tiny_llama(), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=2,
+                                                               adapter_layers=5)), "only 2"),
+    (lambda: get_peft_model(tiny_bert_cls(), AdaptionPromptConfig(adapter_len=2, adapter_layers=1)), "model types"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=0), "positive integer"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT"), "tokenizer_name_or_path"),
+    (lambda: PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="WORDS"), "prompt_tuning_init"),
+    (lambda: PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="GRU"), "MLP"),
+    (lambda: PrefixTuningConfig(num_virtual_tokens=2, init_weights="ones"), "init_weights"),
+    (lambda: get_peft_model(tiny_llama(), PromptTuningConfig(
+        num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="x",
+        tokenizer_name_or_path="no/such/tokenizer")), "local folder"),
+])
+def test_bad_configs_say_what_to_do(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_uses_say_what_to_do(tmp_path):
+    _, model = build("llama", "prefix")
+    with pytest.raises(ValueError, match="mix"):
+        model.add_adapter("lora", LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="cannot be merged"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.generate(input_ids=torch.tensor([[5, 6]]), use_cache=False, max_new_tokens=2)
+    with pytest.raises(ValueError, match="adapter_names"):
+        model(input_ids=torch.tensor([[5, 6]]), adapter_names=["default"])
+    model.save_pretrained(str(tmp_path))
+    other = get_peft_model(tiny_gpt2(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V))
+    with pytest.raises(ValueError, match="another base model"):
+        other.load_adapter(str(tmp_path), "x")
+    assert list(other.peft_config) == ["default"]  # the failed load left nothing behind
+
+
+def test_warnings_only_for_ignored_ids():
+    _, model = build("llama", "prompt")
+    b = batch_for("llama", model)
+    b["position_ids"] = torch.arange(6).expand(2, -1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model(**b)
+    assert any("position_ids" in str(x.message) for x in w)
