@@ -5,7 +5,9 @@ rebuilding anything: :func:`hotswap_adapter` copies the new adapter's tensors in
 parameters (``copy_`` into the same storage), so module structure, parameter identity, shapes and
 every Python attribute the compiled graph was traced with stay the same, and nothing recompiles.
 
-LoRA specifics, for an allocated adapter of rank ``R`` and scale ``s`` and a new one of rank
+Hot-swapping supports LoRA adapters (and their ``modules_to_save`` copies), as Hugging Face
+PEFT does: other methods' outputs depend on hyperparameters that an in-place copy cannot change.
+For an allocated adapter of rank ``R`` and scale ``s`` and a new one of rank
 ``r <= R`` and scale ``s'``::
 
     A (R x in):  [A' ; 0]           the new rows, then zero rows
@@ -44,7 +46,9 @@ _B_NAMES = ("lora_B.weight", "lora_embedding_B")
 
 
 def _is_lora(delta) -> bool:
-    return hasattr(delta, "factors") and hasattr(delta, "scaling")
+    from .methods.lora.delta import LoraDelta
+
+    return isinstance(delta, LoraDelta)
 
 
 def _scale(config, path: str) -> tuple[int, float]:
@@ -72,6 +76,9 @@ def _plan(peft_model, tensors: dict[str, torch.Tensor], adapter_name: str, confi
         raise ValueError(f"Unknown adapter {adapter_name!r}; loaded: {sorted(host.peft_config)}. hotswap_adapter "
                          "replaces an adapter that is already loaded; use load_adapter to add a new one.")
     old = host.peft_config[adapter_name]
+    if str(old.peft_type) != "LORA":
+        raise ValueError(f"{adapter_name!r} is a {old.peft_type} adapter; hot-swapping supports LoRA adapters "
+                         "(as Hugging Face PEFT does). Use delete_adapter() and load_adapter() instead.")
     if str(config.peft_type) != str(old.peft_type):
         raise ValueError(f"{source} is a {config.peft_type} adapter but {adapter_name!r} is {old.peft_type}; "
                          "hot-swapping needs the same method.")

@@ -8,6 +8,7 @@ from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
 
 from peftkit import CheckpointError, LoraConfig, PeftModel, get_peft_model
 from peftkit.hotswap import prepare_for_hotswap
+from peftkit.methods import IA3Config
 
 
 def _save(make, folder, seed, **cfg):
@@ -71,6 +72,10 @@ def test_bad_swaps_are_refused_and_change_nothing(files):
         model.hotswap_adapter(files["wider"])
     with pytest.raises(ValueError, match="Unknown adapter"):
         model.hotswap_adapter(files["same"], "nope")
+    model.add_adapter("ia3", IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    with pytest.raises(ValueError, match="supports LoRA"):
+        model.hotswap_adapter(files["same"], "ia3")
+    model.delete_adapter("ia3")
     model.merge_adapter()
     with pytest.raises(ValueError, match="unmerge"):
         model.hotswap_adapter(files["same"])
