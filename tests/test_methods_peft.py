@@ -1,0 +1,154 @@
+"""Hugging Face PEFT's on-disk format both ways, for every method PEFT also has.
+
+Each case builds a tiny model, gives the adapter non-trivial weights, saves it with one library
+and loads it with the other, and compares logits (<= 1e-5).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import FAMILIES, inputs_for, output_of
+from peftkit import (AdaLoraConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, PeftModel, VeraConfig,
+                     get_peft_model)
+
+peft = pytest.importorskip("peft")
+
+IA3_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+               "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]), "t5": (["k", "v", "wo"], ["wo"])}
+LN_TARGETS = {"llama": ["input_layernorm", "post_attention_layernorm", "norm"], "gpt2": ["ln_1", "ln_2", "ln_f"],
+              "t5": ["layer_norm", "final_layer_norm"]}
+TARGETS = {fam: t for fam, (_, t) in FAMILIES.items()}
+
+# name -> (families, kwargs -> (ours, theirs))
+CASES = {
+    "ia3": (["llama", "gpt2", "t5"], lambda f: (
+        IA3Config(target_modules=IA3_TARGETS[f][0], feedforward_modules=IA3_TARGETS[f][1]),
+        peft.IA3Config(target_modules=IA3_TARGETS[f][0], feedforward_modules=IA3_TARGETS[f][1],
+                       fan_in_fan_out=f == "gpt2"))),
+    "loha": (["llama", "t5"], lambda f: (LoHaConfig(r=2, alpha=3, target_modules=TARGETS[f]),
+                                         peft.LoHaConfig(r=2, alpha=3, target_modules=TARGETS[f]))),
+    "lokr": (["llama", "t5"], lambda f: (LoKrConfig(r=2, alpha=3, target_modules=TARGETS[f]),
+                                         peft.LoKrConfig(r=2, alpha=3, target_modules=TARGETS[f]))),
+    "lokr_both": (["llama"], lambda f: (
+        LoKrConfig(r=1, decompose_both=True, decompose_factor=4, target_modules=TARGETS[f]),
+        peft.LoKrConfig(r=1, decompose_both=True, decompose_factor=4, target_modules=TARGETS[f]))),
+    "vera": (["llama", "gpt2"], lambda f: (
+        VeraConfig(r=8, target_modules=TARGETS[f], projection_prng_key=7),
+        peft.VeraConfig(r=8, target_modules=TARGETS[f], projection_prng_key=7, fan_in_fan_out=f == "gpt2"))),
+    "vera_regenerated": (["llama"], lambda f: (
+        VeraConfig(r=8, target_modules=TARGETS[f], save_projection=False),
+        peft.VeraConfig(r=8, target_modules=TARGETS[f], save_projection=False))),
+    "adalora": (["llama", "gpt2"], lambda f: (
+        AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=6, target_modules=TARGETS[f]),
+        peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=6, target_modules=TARGETS[f],
+                           fan_in_fan_out=f == "gpt2"))),
+    "ln_tuning": (["llama", "gpt2", "t5"], lambda f: (LNTuningConfig(target_modules=LN_TARGETS[f]),
+                                                       peft.LNTuningConfig(target_modules=LN_TARGETS[f]))),
+}
+PAIRS = [(m, f) for m, (fams, _) in CASES.items() for f in fams]
+
+
+@torch.no_grad()
+def perturb(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("method,family", PAIRS)
+def test_peft_saved_loads_in_peftkit(method, family, tmp_path):
+    factory = FAMILIES[family][0]
+    _, theirs = CASES[method][1](family)
+    base = factory()
+    batch = inputs_for(base)
+    ref_base = output_of(base, batch)
+    pm = peft.get_peft_model(base, theirs)
+    perturb(pm, 5)
+    pm.eval()
+    ref = output_of(pm, batch)
+    assert (ref - ref_base).abs().max() > 1e-3
+    pm.save_pretrained(str(tmp_path))
+    ours = PeftModel.from_pretrained(factory(), str(tmp_path)).eval()
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,family", PAIRS)
+def test_peftkit_saved_loads_in_peft(method, family, tmp_path):
+    factory = FAMILIES[family][0]
+    cfg, _ = CASES[method][1](family)
+    base = factory()
+    batch = inputs_for(base)
+    ours = get_peft_model(base, cfg)
+    perturb(ours, 6)
+    ours.eval()
+    ref = output_of(ours, batch)
+    ours.save_pretrained(str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(factory(), str(tmp_path)).eval()
+    torch.testing.assert_close(output_of(theirs, batch), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vera_projection_saved_or_regenerated(tmp_path):
+    from safetensors.torch import load_file
+
+    factory = FAMILIES["llama"][0]
+    for save in (True, False):
+        folder = tmp_path / str(save)
+        model = get_peft_model(factory(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"], save_projection=save))
+        model.save_pretrained(str(folder))
+        keys = set(load_file(str(folder / "adapter_model.safetensors")))
+        assert ({"base_model.vera_A", "base_model.vera_B"} <= keys) is save
+        assert json.load(open(folder / "adapter_config.json"))["save_projection"] is save
+    # the same key in peft draws the same matrices
+    pm = peft.get_peft_model(factory(), peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    ours = get_peft_model(factory(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    site = ours.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(site.deltas["default"].vera_A, pm.base_model.vera_A["default"], atol=0, rtol=0)
+    torch.testing.assert_close(site.deltas["default"].vera_B, pm.base_model.vera_B["default"], atol=0, rtol=0)
+
+
+def test_adalora_pruned_adapter_round_trips_with_peft(tmp_path):
+    """Train with pruning in both libraries from identical weights; masks, files and logits agree."""
+    factory = FAMILIES["llama"][0]
+    kw = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=6, lora_alpha=6,
+              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")  # PEFT adds orth reg only then
+    base = factory()
+    batch = inputs_for(base)
+    pm = peft.get_peft_model(base, peft.AdaLoraConfig(**kw))
+    ours = get_peft_model(factory(), AdaLoraConfig(**kw))
+    perturb(pm, 9)
+    theirs_sd = peft.get_peft_model_state_dict(pm)
+    for path, site in ((p, s) for p, s in ours.named_modules() if hasattr(s, "deltas")):
+        d = site.deltas["default"]
+        prefix = path[len("base_model."):] if path.startswith("base_model.") else path
+        for name in ("lora_A", "lora_B", "lora_E"):
+            d.get_parameter(name).data.copy_(theirs_sd[f"base_model.{prefix}.{name}"])
+    labels = batch["input_ids"]
+    for model, is_peft in ((pm, True), (ours, False)):
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        for step in range(kw["total_step"]):
+            out = model(**batch, labels=labels)
+            out.loss.backward()
+            opt.step()
+            model.base_model.update_and_allocate(step)
+            opt.zero_grad()
+    pm.eval(), ours.eval()
+    theirs_pattern = {k.removesuffix(".default"): v for k, v in pm.peft_config["default"].rank_pattern.items()}
+    assert theirs_pattern == ours.peft_config["default"].rank_pattern
+    torch.testing.assert_close(output_of(ours, batch), output_of(pm, batch), atol=1e-5, rtol=1e-5)
+    kept = sum(sum(v) for v in ours.peft_config["default"].rank_pattern.values())
+    assert kept == 2 * 2 * 2  # target_r per layer x 4 layers
+    ours.save_pretrained(str(tmp_path / "ours"))
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    ref = output_of(ours, batch)
+    for folder in ("ours", "theirs"):
+        back = PeftModel.from_pretrained(factory(), str(tmp_path / folder)).eval()
+        torch.testing.assert_close(output_of(back, batch), ref, atol=1e-5, rtol=1e-5)
+        again = peft.PeftModel.from_pretrained(factory(), str(tmp_path / folder)).eval()
+        torch.testing.assert_close(output_of(again, batch), ref, atol=1e-5, rtol=1e-5)
+    assert os.path.getsize(tmp_path / "ours" / "adapter_model.safetensors") > 0
