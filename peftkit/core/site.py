@@ -83,6 +83,11 @@ class Site(nn.Module):
         self._pre: list[tuple[Delta, Optional[torch.dtype]]] = []
         self._replace: Optional[Delta] = None
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "base_layer":  # a plain reference too: skips nn.Module's slow attribute path
+            object.__setattr__(self, "_base", value)
+
     # ----- attribute passthrough: code that reads e.g. `layer.weight` keeps working ------
     def __getattr__(self, name: str):
         try:
@@ -128,7 +133,7 @@ class Site(nn.Module):
                         pre.append((d, _param_dtype(d)))
         self._run, self._pre, self._replace = run, pre, replace
 
-    def _base(self, x, pre, *args, **kwargs):
+    def _base_with(self, x, pre, *args, **kwargs):
         for d, dtype in pre:
             xt = x if dtype is None or x.dtype == dtype else x.to(dtype)
             x = d.transform_input(xt).to(x.dtype)
@@ -142,18 +147,18 @@ class Site(nn.Module):
         if self._replace is not None:
             y = self._replace.replace(x, *args, **kwargs)
         elif self._pre:
-            y = self._base(x, self._pre, *args, **kwargs)
+            y = self._base_with(x, self._pre, *args, **kwargs)
         else:
-            y = self.base_layer(x, *args, **kwargs)
+            y = self._base(x, *args, **kwargs)
         for delta, dtype in self._run:
             y = self._apply(delta, dtype, x, y)
         return y
 
     def _apply(self, delta: Delta, dtype, x, y):
-        if dtype is None or not torch.is_floating_point(x) or x.dtype == dtype:
-            out = delta(x, y, self.base_layer)
+        if dtype is None or x.dtype == dtype or not x.is_floating_point():
+            out = delta(x, y, self._base)
         else:
-            out = delta(x.to(dtype), y, self.base_layer)
+            out = delta(x.to(dtype), y, self._base)
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def _forward_mixed(self, routing: Routing, x, *args, **kwargs):
@@ -185,7 +190,7 @@ class Site(nn.Module):
                 continue
             for d, idx in items:
                 dt = _param_dtype(d)
-                y_rows = self._base(x[idx], [(d, dt)], *args, **kwargs) if d.transforms_input else y[idx]
+                y_rows = self._base_with(x[idx], [(d, dt)], *args, **kwargs) if d.transforms_input else y[idx]
                 part = self._apply(d, dt, x[idx], y_rows)
                 out = out.index_copy(0, idx, part)  # row groups are disjoint
         return out

@@ -53,7 +53,7 @@ class LoraDelta(Delta):
         self.r = r
         self.alpha = alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)  # functional: dropout 0 costs no call at all
         self.use_dora = use_dora
         self.magnitude: Optional[nn.Parameter] = None
         self._merge_norm: Optional[torch.Tensor] = None
@@ -109,12 +109,19 @@ class LoraDelta(Delta):
         shape[self.channel_dim] = -1
         return g.view(shape)
 
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout on the adapter's input (identity when p = 0 or in eval mode)."""
+        return F.dropout(x, self.dropout_p, self.training) if self.dropout_p and self.training else x
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.magnitude is None:
-            return torch.add(y, self.lora(self.dropout(x)), alpha=self.scaling)
+            z = self.lora(self.dropout(x))
+            if torch.is_grad_enabled():
+                return torch.add(y, z, alpha=self.scaling)
+            return y.add_(z, alpha=self.scaling)  # inference: y is the Site's own fresh output
         g = self.magnitude.reshape(-1) / self._weight_norm(base).to(self.magnitude.dtype)
         g = self._shape_gain(g, y)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
+        if not (self.dropout_p and self.training):
             base_out = y
             bias = getattr(base, "bias", None)
             if bias is not None:
@@ -149,30 +156,16 @@ class LoraDelta(Delta):
 
     @classmethod
     def forward_mixed(cls, deltas, rows, x, y, base):
-        """Rows of one batch through different plain-LoRA adapters with padded, batched matmuls.
+        """Plain LoRA on linear layers: one gathered batched product for all rows (mixed.py).
 
-        Adapters are stacked (padded to the largest rank; the zero rows and columns contribute
-        nothing), each row gathers its own A and B, and two ``bmm`` calls do all of them at once.
-        DoRA and dropout fall back to per-adapter calls.
+        DoRA, active dropout and other site types return None: the Site then runs each
+        adapter on its own rows.
         """
-        if cls is not LoraLinear or any(d.magnitude is not None or not isinstance(d.dropout, nn.Identity) for d in deltas):
+        if cls is not LoraLinear or any(d.magnitude is not None or (d.dropout_p and d.training) for d in deltas):
             return None
-        rmax = max(d.r for d in deltas)
-        dtype = deltas[0].lora_A.weight.dtype
-        n = x.shape[0]
-        a = x.new_zeros((len(deltas), rmax, x.shape[-1]), dtype=dtype)
-        b = x.new_zeros((len(deltas), y.shape[-1], rmax), dtype=dtype)
-        which = torch.zeros(n, dtype=torch.long, device=x.device)
-        for i, (d, idx) in enumerate(zip(deltas, rows)):
-            a[i, : d.r] = d.lora_A.weight
-            b[i, :, : d.r] = d.lora_B.weight * d.scaling
-            which[idx] = i
-        covered = torch.cat(rows)
-        xs = x[covered].to(dtype).reshape(len(covered), -1, x.shape[-1])
-        sel = which[covered]
-        h = torch.bmm(xs, a[sel].transpose(1, 2))
-        out = torch.bmm(h, b[sel].transpose(1, 2)).reshape(y[covered].shape)
-        return y.index_add(0, covered, out.to(y.dtype))
+        from .mixed import lora_mixed
+
+        return lora_mixed(deltas, rows, x, y)
 
 
 class LoraLinear(LoraDelta):
