@@ -1,0 +1,150 @@
+"""The training loop: transformers' Trainer, taught to save and resume peftkit adapters.
+
+Trainer already does what a fine-tuning loop needs and does it under ``torchrun`` too (DDP with
+gloo on CPU): gradient accumulation with token-weighted losses, warmup and decay schedules,
+gradient clipping, periodic evaluation, seeded shuffling, and checkpoints holding the optimizer,
+scheduler, RNG states and step so that ``--resume`` continues the same run. Two things it does
+not know are taught here:
+
+- A checkpoint stores the adapter (``PeftModel.save_pretrained``: a few MB, written atomically,
+  by rank 0 only) instead of the whole model, and resuming loads it back into the adapter in
+  place, checked tensor by tensor.
+- The progress bar shows the running loss next to the step speed, instead of printing a dict
+  per log line.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
+
+from ..io.checkpoint import load_tensors
+from ..io.peft_format import apply_plan, load_plan
+
+
+def load_adapter_weights(peft_model, folder: str, adapter_name: str = "default") -> None:
+    """Copy the adapter saved in ``folder`` into ``peft_model``'s existing adapter (same config)."""
+    tensors = load_tensors(folder)
+    apply_plan(load_plan(peft_model.base_model, adapter_name, tensors, folder))
+
+
+class AdapterTrainer(Trainer):
+    """A Trainer whose checkpoints are peftkit adapters plus Trainer's own optimizer/RNG state.
+
+    The model is placed on its device before the Trainer sees it, so the Trainer's and
+    accelerate's own ``model.to(device)`` calls are skipped: ``core.site.Site`` defines an
+    ``_apply(delta, dtype, x, y)`` helper that shadows ``nn.Module._apply``, which makes
+    ``.to()`` on a wrapped model raise (reported to the lead; this keeps training independent
+    of that fix).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accelerator.device_placement = False
+
+    def _move_model_to_device(self, model, device) -> None:
+        for p in model.parameters():
+            if p.device != torch.device(device):
+                raise ValueError(f"peftkit train expects the model on {device} already; found a parameter "
+                                 f"on {p.device}. Load the base model onto {device} before wrapping it.")
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+
+class LossBar(ProgressCallback):
+    """Trainer's tqdm bar with the latest loss and learning rate as its postfix."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Show training losses in the bar; print evaluation results on their own line."""
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+        if "eval_loss" in logs:
+            self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+
+def make_trainer(peft_model, args, train_set, eval_set, collator, seq_loss: bool) -> AdapterTrainer:
+    """Build the Trainer for ``peft_model`` with peftkit's progress bar.
+
+    ``seq_loss`` says the model's loss is a per-token cross-entropy that accepts the batch's
+    token count, which keeps gradient accumulation exact with uneven padding.
+    """
+    trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=train_set,
+                             eval_dataset=eval_set, data_collator=collator)
+    trainer.model_accepts_loss_kwargs = seq_loss
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossBar())
+    return trainer
+
+
+def loss_history(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, train loss) and (step, eval loss) pairs from ``trainer.state.log_history``."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and math.isfinite(h["loss"])]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    return train, evals
+
+
+def plot_losses(log_history: list[dict], path: str, title: str = "peftkit train") -> Optional[str]:
+    """Write the loss curve PNG (train and eval loss against step); None when nothing was logged."""
+    train, evals = loss_history(log_history)
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def enable_checkpointing(peft_model) -> None:
+    """Recompute activations in backward (less memory, ~30% more time), frozen base included.
+
+    The base model is frozen, so its embedding output carries no gradient; the inputs are made
+    to require one so that checkpointed blocks still pass gradients back to the adapters.
+    """
+    inner = peft_model.get_base_model()
+    enable = getattr(inner, "activation_checkpointing_enable", None) or getattr(inner, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(inner).__name__} does not support gradient checkpointing; drop --gradient-checkpointing.")
+    enable(**({"activation_checkpointing_kwargs": {"use_reentrant": False}}
+              if enable.__name__ == "activation_checkpointing_enable" else
+              {"gradient_checkpointing_kwargs": {"use_reentrant": False}}))
+    if hasattr(inner, "enable_input_require_grads"):
+        inner.enable_input_require_grads()
+    inner.config.use_cache = False
+
+
+def set_threads(n: Optional[int]) -> None:
+    """Use ``n`` intra-op threads (default: all cores divided among the local ranks)."""
+    if n is None:
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        n = max(1, (os.cpu_count() or 1) // ranks)
+    torch.set_num_threads(n)
