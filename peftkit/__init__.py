@@ -9,8 +9,6 @@ from .io.checkpoint import CheckpointError
 from .methods import LoraConfig
 from .methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LNTuningConfig,  # noqa: E402
                       LoHaConfig, LoKrConfig, VeraConfig)
-from .methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LNTuningConfig,  # noqa: E402
-                      LoHaConfig, LoKrConfig, VeraConfig)
 from .methods import AdaptionPromptConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig  # noqa: F401
 from .model import (
     PeftModel,
@@ -26,8 +24,6 @@ from .model import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "IA3Config", "LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig", "LNTuningConfig",
-    "BitFitConfig", "BottleneckConfig",
     "IA3Config", "LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig", "LNTuningConfig",
     "BitFitConfig", "BottleneckConfig",
     "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "AdaptionPromptConfig",

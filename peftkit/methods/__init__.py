@@ -16,12 +16,4 @@ from .lokr import LoKrConfig  # noqa: F401  reparametrisation: Kronecker product
 from .vera import VeraConfig  # noqa: F401  reparametrisation: shared random projections
 from .adalora import AdaLoraConfig  # noqa: F401  reparametrisation: SVD form with rank pruning
 from .adaption_prompt import AdaptionPromptConfig  # noqa: F401  additive: LLaMA-Adapter gated prompts
-from .ia3 import IA3Config  # noqa: F401  additive: (IA)^3 learned rescaling
-from .bottleneck import BottleneckConfig  # noqa: F401  additive: Houlsby, Pfeiffer, parallel adapters
-from .bitfit import BitFitConfig  # noqa: F401  selective: biases only
-from .ln_tuning import LNTuningConfig  # noqa: F401  selective: normalisation layers
-from .loha import LoHaConfig  # noqa: F401  reparametrisation: Hadamard product
-from .lokr import LoKrConfig  # noqa: F401  reparametrisation: Kronecker product
-from .vera import VeraConfig  # noqa: F401  reparametrisation: shared random projections
-from .adalora import AdaLoraConfig  # noqa: F401  reparametrisation: SVD form with rank pruning
 from .hybrids import mam_adapter, unipelt  # noqa: F401  hybrids: compositions of the above
