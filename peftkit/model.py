@@ -180,6 +180,9 @@ class PeftModel(nn.Module):
 
         The adapter named ``default`` goes to ``save_directory`` itself, any other to
         ``save_directory/<name>`` (Hugging Face PEFT's layout). Each file is replaced atomically.
+        ``path_initial_model_for_weight_conversion``: for PiSSA/OLoRA adapters, the folder where the
+        adapter was saved right after initialisation; the file written is then a plain LoRA of
+        rank 2r that applies to the original, unmodified base model (as in Hugging Face PEFT).
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
@@ -193,6 +196,11 @@ class PeftModel(nn.Module):
             base = getattr(getattr(self.base_model.model, "config", None), "_name_or_path", None)
             cfg = dataclasses.replace(cfg, inference_mode=True,
                                       base_model_name_or_path=cfg.base_model_name_or_path or base or None)
+            initial = kwargs.get("path_initial_model_for_weight_conversion")
+            if initial is not None:  # PiSSA/OLoRA: write a plain LoRA for the original base
+                from .core.registry import get_method
+
+                tensors, cfg = get_method(cfg.peft_type).convert_for_original_base(tensors, load_tensors(initial), cfg)
             atomic_save_tensors(os.path.join(folder, WEIGHTS_NAME), tensors)
             cfg.save_pretrained(folder)
 

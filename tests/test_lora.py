@@ -211,3 +211,22 @@ def test_pissa_and_olora_start_at_base_and_convert_to_plain_lora():
         # plain LoRA of rank 2r over the ORIGINAL weight reproduces the trained PiSSA layer
         trained = site.base_layer.weight + d.scaling * d.lora_B.weight @ d.lora_A.weight
         torch.testing.assert_close(orig_w + d.scaling * b @ a, trained, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_saved_as_plain_lora_for_the_original_base(init, tmp_path):
+    from conftest import tiny_llama
+
+    batch = inputs_for(tiny_llama())
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=init))
+    model.save_pretrained(str(tmp_path / "init"))
+    with torch.no_grad():  # "training"
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    trained = output_of(model.eval(), batch)
+    model.save_pretrained(str(tmp_path / "plain"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    plain = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "plain"))  # the ORIGINAL base
+    assert plain.peft_config["default"].r == 8
+    torch.testing.assert_close(output_of(plain, batch), trained, atol=1e-4, rtol=1e-4)

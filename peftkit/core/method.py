@@ -132,6 +132,11 @@ class Method:
         method is loaded; each is called with the host first (AdaLoRA's ``update_and_allocate``)."""
         return {}
 
+    def convert_for_original_base(self, tensors: dict, initial: dict, config: Any):
+        """Rewrite an adapter trained on a modified base (PiSSA/OLoRA) for the original base."""
+        raise ValueError(f"{self.name} adapters do not modify the base weights; "
+                         "path_initial_model_for_weight_conversion applies to LoRA with PiSSA/OLoRA init")
+
     def supported_sites(self) -> Iterable[str]:
         """Human-readable names of the module types this method can adapt."""
         return ()

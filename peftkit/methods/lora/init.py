@@ -80,3 +80,31 @@ def _principal_init(delta, init: str, base: nn.Module) -> None:
 def to_plain_lora(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A', B') of rank 2r with ``B'A' = BA - B0A0``, for the original (non-residual) base."""
     return torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)
+
+
+def plain_lora_state(tensors: dict, initial: dict, config):
+    """Convert a trained PiSSA/OLoRA adapter into a plain LoRA for the original base weights.
+
+    ``tensors`` holds the trained adapter, ``initial`` the same adapter as saved right after
+    initialisation (Hugging Face PEFT keys). Returns (tensors, config) of rank 2r whose update
+    ``s' B'A' = s (BA - B0A0)`` applies to the unmodified base; ``s' = s`` because alpha is
+    doubled with r (times sqrt 2 under rsLoRA), as Hugging Face PEFT's conversion does.
+    """
+    import dataclasses
+
+    out = dict(tensors)
+    for key, a in tensors.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        bkey = key[: -len("lora_A.weight")] + "lora_B.weight"
+        if key not in initial or bkey not in initial:
+            raise ValueError(f"the initial adapter has no {key!r}: pass the folder saved right after "
+                             "get_peft_model, before training, for this same configuration")
+        out[key], out[bkey] = to_plain_lora(a, tensors[bkey], initial[key].to(a.dtype), initial[bkey].to(a.dtype))
+    alpha = config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)
+    config = dataclasses.replace(
+        config, r=config.r * 2, lora_alpha=alpha, init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+    )
+    return out, config

@@ -13,7 +13,7 @@ from ...core.registry import register_method
 from ...targets import LORA_DEFAULT_TARGETS, default_targets
 from .config import LoraConfig
 from .delta import LoraConv, LoraEmbedding, LoraLinear
-from .init import initialise
+from .init import initialise, plain_lora_state
 
 
 def is_conv1d_gpt2(module: nn.Module) -> bool:
@@ -75,6 +75,10 @@ class LoraMethod(Method):
             if config.bias == "all" or _is_site_bias(host.model, pname, adapter_name):
                 names.add(pname)
         host.trainable_base[adapter_name] = names
+
+    def convert_for_original_base(self, tensors, initial, config):
+        """PiSSA/OLoRA -> plain LoRA of rank 2r for the unmodified base (see init.py)."""
+        return plain_lora_state(tensors, initial, config)
 
     def extra_state(self, host, config, adapter_name):
         params = dict(host.model.named_parameters())
