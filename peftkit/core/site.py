@@ -198,6 +198,7 @@ class Site(nn.Module):
     # ----- merging ------------------------------------------------------------------
     def merge(self, names: Iterable[str], safe_merge: bool = False) -> None:
         """Fold the named adapters present here into the base weight, in order."""
+        _refuse_quantized(self.base_layer, names, self.deltas, self.merged)
         for n in names:
             if n not in self.deltas or n in self.merged:
                 continue
@@ -227,3 +228,17 @@ class Site(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
+
+
+def _refuse_quantized(base: nn.Module, names: Iterable[str], deltas, merged) -> None:
+    """Packed quantised storage cannot absorb an update in place: say what to do instead."""
+    if not any(n in deltas and n not in merged for n in names):
+        return
+    from ..quant.backend import is_quantized
+
+    if is_quantized(base):
+        raise TypeError(
+            f"cannot merge into the quantised layer {type(base).__name__} in place. Use "
+            "peftkit.quant.merge_and_unload_quantized(model) (dense or re-quantised result, error "
+            "reported), or peftkit.quant.dequantize_sites(model) first to merge reversibly."
+        )

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.method import Delta
+from ...quant.backend import dequantize
 
 
 class LoraDelta(Delta):
@@ -186,7 +187,8 @@ class LoraLinear(LoraDelta):
         return self.lora_A.weight, self.lora_B.weight
 
     def weight_2d(self, base):
-        return base.weight.T if self.fan_in_fan_out else base.weight
+        w = dequantize(base)  # the dense weight behind a quantised base (DoRA's norms); else base.weight
+        return w.T if self.fan_in_fan_out else w
 
     def from_2d(self, w2, base):
         return w2.T if self.fan_in_fan_out else w2
