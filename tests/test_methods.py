@@ -208,3 +208,37 @@ def test_trainable_counts_match_formulas():
     }
     for name, (cfg, expected) in cases.items():
         assert get_peft_model(tiny_llama(), cfg).get_nb_trainable_parameters()[0] == expected, name
+
+
+def test_adalora_schedule_prunes_to_target_and_keeps_the_mask(tmp_path):
+    from conftest import tiny_llama
+
+    cfg = AdaLoraConfig(init_r=6, target_r=2, tinit=1, tfinal=3, deltaT=1, total_step=8,
+                        target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(tiny_llama(), cfg)
+    batch = inputs_for(model.get_base_model())
+    with pytest.raises(RuntimeError, match="after loss.backward"):
+        model.base_model.update_and_allocate(0)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    kept = []
+    for step in range(cfg.total_step):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+        pattern = model.peft_config["default"].rank_pattern
+        kept.append(sum(sum(v) for v in pattern.values()) if pattern else 4 * 6)
+    assert kept[0] == kept[1] == 24  # warm-up: nothing pruned
+    assert all(a >= b for a, b in zip(kept, kept[1:]))  # the budget only shrinks
+    assert kept[-1] == 4 * 2  # target_r per layer, 4 layers
+    for _, site in model.base_model.model.named_modules():
+        if isinstance(site, Site):
+            d = site.deltas["default"]
+            assert torch.all(d.lora_E[~d.mask] == 0)  # re-applied after Adam moved them
+    assert model.base_model.orth_regularization().item() >= 0
+    model.save_pretrained(str(tmp_path))
+    back = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    ranks = [s.deltas["default"].lora_A.shape[0] for _, s in back.base_model.model.named_modules() if isinstance(s, Site)]
+    assert sum(ranks) == 8
+    model.eval()
+    torch.testing.assert_close(output_of(back, batch), output_of(model, batch), atol=1e-5, rtol=1e-5)
