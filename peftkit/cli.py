@@ -32,6 +32,7 @@ from typing import Optional
 COMMAND_MODULES: tuple[str, ...] = (
     "peftkit.train.command",
     "peftkit.train.tools",
+    "peftkit.serve.cli",
 )
 
 

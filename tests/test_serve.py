@@ -201,3 +201,22 @@ def test_load_and_unload_adapters_at_run_time(served, tmp_path):
     assert call(served, "DELETE", "/v1/adapters/gamma")[0] == 404
     status, body = call(served, "GET", "/v1/models")
     assert [m["id"] for m in json.loads(body)["data"]] == ["base", "alpha", "beta"]
+
+
+def test_cli_registers_serve_and_parses_adapter_specs(tmp_path):
+    from peftkit.cli import build_parser
+    from peftkit.config import ConfigError
+    from peftkit.serve.cli import parse_adapter_specs
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["serve", "--model", "m", "--adapters", "x", "named=y"])
+    assert args.host == "127.0.0.1" and args.adapters == ["x", "named=y"]
+    (tmp_path / "sql").mkdir()
+    assert parse_adapter_specs([str(tmp_path / "sql"), f"chat={tmp_path / 'sql'}"]) == [
+        ("sql", str(tmp_path / "sql")), ("chat", str(tmp_path / "sql"))]
+    with pytest.raises(ConfigError, match="two adapters"):
+        parse_adapter_specs([str(tmp_path / "sql"), str(tmp_path / "sql")])
+    with pytest.raises(ConfigError, match="not 'base'"):
+        parse_adapter_specs([f"base={tmp_path / 'sql'}"])
+    with pytest.raises(FileNotFoundError):
+        parse_adapter_specs([str(tmp_path / "missing")])

@@ -15,7 +15,8 @@ import sys
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
-    """``["DIR", "NAME=DIR"]`` -> ``[(name, dir)]``; names must be unique and not ``base``."""
+    """``["DIR", "NAME=DIR"]`` -> ``[(name, dir)]``; names must be unique and not ``base`` (ConfigError)."""
+    from ..config import ConfigError
     from .app import NAME_RE
 
     out, seen = [], set()
@@ -24,10 +25,10 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
         if not sep:
             folder, name = spec, os.path.basename(os.path.normpath(spec))
         if not NAME_RE.match(name) or name == "base":
-            raise ValueError(f"adapter name {name!r} (from {spec!r}) must be 1-64 letters, digits, '.', '_' or "
+            raise ConfigError(f"adapter name {name!r} (from {spec!r}) must be 1-64 letters, digits, '.', '_' or "
                              "'-' and not 'base'; write NAME=DIR to choose one.")
         if name in seen:
-            raise ValueError(f"two adapters are named {name!r}; write NAME=DIR to tell them apart.")
+            raise ConfigError(f"two adapters are named {name!r}; write NAME=DIR to tell them apart.")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"adapter folder {folder!r} does not exist.")
         seen.add(name)
