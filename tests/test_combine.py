@@ -202,3 +202,23 @@ def test_bad_requests_are_refused_and_leave_the_model_unchanged():
         model.add_weighted_adapter(["default", "b"], [1, 1], "x", combination_type="average")
     assert set(model.peft_config) == before
     assert set(COMBINATION_TYPES) >= {"linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
+
+
+def test_conv_and_embedding_sites_combine_exactly():
+    from conftest import VOCAB, TinyConvNet
+
+    model = get_peft_model(TinyConvNet(), LoraConfig(r=2, target_modules=["emb", "conv1", "conv2", "head"],
+                                                     init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=3, lora_alpha=6, target_modules=["emb", "conv1", "conv2"], init_lora_weights=False))
+    w = {"default": 0.5, "b": 2.0}
+    model.add_weighted_adapter(list(w), list(w.values()), "cat", combination_type="cat")
+    model.add_weighted_adapter(list(w), list(w.values()), "svd", combination_type="svd", svd_rank=64)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    for path, site in sites(model.base_model.model):
+        want = sum(wi * site.deltas[n].delta_weight(site.base_layer) for n, wi in w.items() if n in site.deltas)
+        torch.testing.assert_close(site.deltas["cat"].delta_weight(site.base_layer), want)
+        torch.testing.assert_close(site.deltas["svd"].delta_weight(site.base_layer), want, atol=1e-4, rtol=1e-4)
+    model.set_adapter("cat")
+    out = model(ids)
+    model.set_adapter("svd")
+    torch.testing.assert_close(model(ids), out, atol=1e-4, rtol=1e-4)

@@ -264,3 +264,37 @@ def test_smollm2_server_end_to_end(tmp_path):
         server.should_exit = True
         thread.join(timeout=10)
         engine.close()
+
+
+def test_engine_cancels_rows_and_refuses_when_full():
+    from peftkit.serve.engine import EngineFull, Job
+
+    engine = Engine(tiny_llama(), CharTokenizer(), max_batch=4, batch_wait_s=0.0, max_queue=1)
+    events: dict[str, list] = {"a": [], "b": [], "c": []}
+    done = {k: threading.Event() for k in events}
+
+    def sink(key, job_ref):
+        def emit(kind, value):
+            events[key].append((kind, value))
+            if kind == "delta":
+                job_ref[0].cancelled.set()  # the client goes away after its first text
+            if kind in ("done", "error"):
+                done[key].set()
+        return emit
+
+    try:
+        with engine.lock:  # the worker takes the first job, then waits here: the queue holds one more
+            refs = {k: [None] for k in events}
+            for k in ("a", "b"):
+                refs[k][0] = Job(prompt_ids=CharTokenizer().encode("Hi"), adapter="base", max_tokens=20, emit=sink(k, refs[k]))
+                engine.submit(refs[k][0])
+                time.sleep(0.2)
+            refs["c"][0] = Job(prompt_ids=[5], adapter="base", max_tokens=2, emit=sink("c", refs["c"]))
+            with pytest.raises(EngineFull):
+                engine.submit(refs["c"][0])
+        for k in ("a", "b"):
+            assert done[k].wait(60)
+            kind, info = events[k][-1]
+            assert kind == "done" and info["finish_reason"] == "cancelled" and info["completion_tokens"] < 20
+    finally:
+        engine.close()

@@ -58,7 +58,11 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, integer:
     return v
 
 
-def _sampling(body: dict, limits: Limits) -> dict:
+def _sampling(body: dict, limits: Limits, chat: bool) -> dict:
+    # chat clients expect a whole answer (OpenAI: up to the context); completions default to 16
+    if chat and body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
+        body = {**body, "max_tokens": body["max_completion_tokens"]}
+    default_max = limits.max_tokens if chat else min(16, limits.max_tokens)
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -70,7 +74,7 @@ def _sampling(body: dict, limits: Limits) -> dict:
         raise ApiError(400, "'n' must be 1 here; send the request again for more samples.", param="n")
     if not isinstance(body.get("stream", False), bool):
         raise ApiError(400, "'stream' must be true or false.", param="stream")
-    return dict(max_tokens=_number(body, "max_tokens", 16, 1, limits.max_tokens, integer=True),
+    return dict(max_tokens=_number(body, "max_tokens", default_max, 1, limits.max_tokens, integer=True),
                 temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
                 top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)), stop=stop)
 
@@ -171,7 +175,7 @@ def create_app(engine: Engine, limits: Optional[Limits] = None, adapter_roots: t
 
     async def run(request: Request, chat: bool):
         body = await _read_json(request, limits)
-        params = _sampling(body, limits)
+        params = _sampling(body, limits, chat)
         adapter = _adapter(body, engine)
         if chat:
             prompts = [engine.chat_prompt(_messages(body))]
