@@ -294,3 +294,48 @@ def test_warnings_only_for_ignored_ids():
         warnings.simplefilter("always")
         model(**b)
     assert any("position_ids" in str(x.message) for x in w)
+
+
+def test_labels_of_virtual_tokens_are_ignored():
+    _, model = build("llama", "prompt")
+    b = batch_for("llama", model, padded=False)
+    out = model(**b)
+    logits = out.logits[:, V - 1:-1]  # the last virtual token predicts the first real one, and so on
+    manual = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), b["labels"].reshape(-1))
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_bert_prefix_reaches_every_layer_and_masks_align():
+    """PEFT cannot run this pair under transformers 5, so check it from first principles:
+    the same prefix with its mask columns zeroed must give the base model's logits."""
+    factory, model = build("bert", "prefix")
+    with torch.no_grad():
+        for p in model.base_model.prompt_encoder.parameters():
+            p.normal_()
+    model.eval()
+    b = batch_for("bert", model)
+    b.pop("labels")
+    base = factory().eval()(**b).logits
+    host, cfg = model.base_model, model.peft_config["default"]
+    cache = host.method("default").prefix_cache(host, "default", cfg, 2)
+    masked = torch.cat([torch.zeros(2, V, dtype=torch.long), b["attention_mask"]], dim=1)
+    positions = torch.arange(b["input_ids"].shape[1]).expand(2, -1)  # encoders keep 0..T-1
+    hidden = model.get_base_model()(input_ids=b["input_ids"], attention_mask=masked, cache=cache,
+                                    position_ids=positions).logits
+    torch.testing.assert_close(hidden, base, atol=1e-5, rtol=0)
+    assert (model(**b).logits - base).abs().max() > 100 * (hidden - base).abs().max()  # the prefix acts
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "adaption"])
+def test_beam_search_and_sampled_sequences(method):
+    _, model = build("llama", method)
+    randomise(model)
+    model.eval()
+    ids, mask = torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    kw = dict(max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    beams = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    alone = model.generate(input_ids=ids[1:, 1:], **kw)
+    assert beams[1, 3:].tolist() == alone[0, 2:].tolist()
+    sampled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=True,
+                             num_return_sequences=2, pad_token_id=0)
+    assert sampled.shape == (4, 6)

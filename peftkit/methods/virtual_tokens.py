@@ -149,7 +149,13 @@ class VirtualTokenMethod(PromptMethod):
             key = "decoder_attention_mask" if seq2seq else "attention_mask"
             if kw.get(key) is not None:
                 kw[key] = torch.cat([ones.to(kw[key].dtype), kw[key]], dim=1)
-            _drop_ids(kw, config, shift=V, keep_token_types=config.task_type == TaskType.SEQ_CLS.value)
+            if not seq2seq and _bidirectional(model):
+                # Encoders read position embeddings from the past length; their real tokens keep
+                # positions 0..T-1 (the prefix is not a text before them).
+                if kw.get("position_ids") is None:
+                    kw["position_ids"] = torch.arange(ref.shape[1], device=ref.device).expand(batch, -1)
+            else:
+                _drop_ids(kw, config, shift=V, keep_token_types=config.task_type == TaskType.SEQ_CLS.value)
             kw["cache"] = self.prefix_cache(host, name, config, batch)
             return model(input_ids=ids, inputs_embeds=embeds, **kw)
         if embeds is None:
@@ -207,6 +213,12 @@ class VirtualTokenMethod(PromptMethod):
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + V
             return model.generate(input_ids=ids, attention_mask=torch.cat([ones, mask], dim=1),
                                   position_ids=positions, cache=cache, **kw)
+
+
+def _bidirectional(model: nn.Module) -> bool:
+    """True for encoders: every attention module that says so is non-causal (BERT, RoBERTa)."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and not any(flags)
 
 
 def _drop_ids(kw: dict, config, shift, keep_token_types: bool = False) -> None:
