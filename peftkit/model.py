@@ -71,14 +71,14 @@ class PeftModel(nn.Module):
         return a[0] if len(a) == 1 else list(a)
 
     # ----- running --------------------------------------------------------------------
-    def _routing(self, adapter_names: Optional[list[str]]):
+    def _routing(self, adapter_names: Optional[list[str]], reuse: bool = False):
         if adapter_names is None:
             return contextlib.nullcontext()
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names contains unknown adapters {unknown}; loaded: "
                              f"{sorted(self.peft_config)} (use '{BASE}' for the base model alone).")
-        return adapter_routing(adapter_names)
+        return adapter_routing(adapter_names, reuse=reuse)
 
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """Run the model; ``adapter_names[i]`` picks row ``i``'s adapter for a mixed batch."""
@@ -93,7 +93,7 @@ class PeftModel(nn.Module):
         if isinstance(self.base_model, PromptHost):
             _no_mixed_prompts(adapter_names)
             return self.base_model.generate(*args, **kwargs)
-        with self._routing(adapter_names):
+        with self._routing(adapter_names, reuse=True):  # the same rows at every decode step
             return self.base_model.model.generate(*args, **kwargs)
 
     # ----- adapters ---------------------------------------------------------------------

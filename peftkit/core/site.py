@@ -27,9 +27,13 @@ _ROUTING: contextvars.ContextVar[Optional["Routing"]] = contextvars.ContextVar("
 class Routing:
     """Per-row adapter names for one mixed-adapter forward, with row indices cached per device."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], reuse: bool = False):
         self.names = list(names)
         self._groups: dict[tuple, dict[str, torch.Tensor]] = {}
+        #: True when the same rows run many times (generate's decode steps): methods may then
+        #: keep per-site gathered weights in :attr:`memo` for the block's lifetime.
+        self.reuse = reuse
+        self.memo: dict = {}
 
     def groups(self, device: torch.device, batch: int) -> dict[str, torch.Tensor]:
         """Adapter name -> LongTensor of the batch rows that use it, on ``device``.
@@ -52,10 +56,18 @@ class Routing:
         return g
 
 
+def current_routing() -> Optional[Routing]:
+    """The routing of the enclosing :func:`adapter_routing` block, if any."""
+    return _ROUTING.get()
+
+
 @contextlib.contextmanager
-def adapter_routing(names: Optional[Sequence[str]]):
-    """Within this block, row ``i`` of every batch uses adapter ``names[i]`` (``"__base__"``: none)."""
-    token = _ROUTING.set(Routing(names) if names is not None else None)
+def adapter_routing(names: Optional[Sequence[str]], reuse: bool = False):
+    """Within this block, row ``i`` of every batch uses adapter ``names[i]`` (``"__base__"``: none).
+
+    ``reuse=True`` (generation) lets methods cache per-row gathered weights until the block ends.
+    """
+    token = _ROUTING.set(Routing(names, reuse) if names is not None else None)
     try:
         yield
     finally:
