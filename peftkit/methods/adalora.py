@@ -30,7 +30,7 @@ Merging adds the ΔW exactly. On disk: ``lora_A``, ``lora_B``, ``lora_E`` (no ``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +80,6 @@ class AdaLoraConfig(LoraConfig):
     orth_reg_weight: float = 0.5
     total_step: Optional[int] = None
     rank_pattern: Optional[dict] = None
-
-    _dispatch: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         pattern, self.rank_pattern = self.rank_pattern, {}
