@@ -38,7 +38,7 @@ from .config import PeftConfig
 from .core.inject import sites
 from .core.registry import get_method
 from .io.checkpoint import CheckpointError, load_tensors
-from .io.peft_format import PREFIX, _aliases
+from .io.peft_format import PREFIX
 
 # local parameter name -> the dimension that holds the rank
 _RANK_DIM = {"lora_A.weight": 0, "lora_embedding_A": 0, "lora_B.weight": 1, "lora_embedding_B": 1}
@@ -49,6 +49,26 @@ def _is_lora(delta) -> bool:
     from .methods.lora.delta import LoraDelta
 
     return isinstance(delta, LoraDelta)
+
+
+def _canonical(host, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's alternative spellings mapped to ours; the base-weight copies PEFT may add dropped.
+
+    Looks only at this adapter's sites (not at every parameter of the model), so a swap costs
+    the same however many adapters are loaded.
+    """
+    alias, ignore = {}, set()
+    for path, site in sites(host.model):
+        if name not in site.deltas:
+            continue
+        delta = site.deltas[name]
+        if delta.replaces_base:  # modules_to_save copies
+            for pname in delta.module.state_dict():
+                alias[f"{PREFIX}{path}.modules_to_save.{pname}"] = f"{PREFIX}{path}.{pname}"
+                ignore.add(f"{PREFIX}{path}.original_module.{pname}")
+        else:  # PEFT saves the full weight of targeted embeddings when the vocabulary was resized
+            ignore.add(f"{PREFIX}{path}.base_layer.weight")
+    return {alias.get(k, k): v for k, v in tensors.items() if alias.get(k, k) not in ignore}
 
 
 def _scale(config, path: str) -> tuple[int, float]:
@@ -84,8 +104,7 @@ def _plan(peft_model, tensors: dict[str, torch.Tensor], adapter_name: str, confi
                          "hot-swapping needs the same method.")
     if getattr(config, "use_dora", False) != getattr(old, "use_dora", False):
         raise ValueError(f"{source}: use_dora differs from {adapter_name!r}'s; hot-swapping needs the same variant.")
-    alias, ignore = _aliases(host, adapter_name)
-    tensors = {alias.get(k, k): v for k, v in tensors.items() if alias.get(k, k) not in ignore}
+    tensors = _canonical(host, adapter_name, tensors)
     plan, seen = [], set()
     for path, site in sites(host.model):
         if adapter_name not in site.deltas:

@@ -120,3 +120,24 @@ def test_no_recompilation_after_swap(files):
                 torch.testing.assert_close(got, _fresh(files[which], batch), atol=1e-5, rtol=1e-5)
     assert len(compiles) == n
     torch._dynamo.reset()
+
+
+def test_swap_peft_saved_classifier_with_modules_to_save(tmp_path):
+    """Adapters written by Hugging Face PEFT (with a trained head in modules_to_save) swap in exactly."""
+    import peft
+    from conftest import tiny_bert_cls
+
+    refs = {}
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        ref = peft.get_peft_model(tiny_bert_cls(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                                                   init_lora_weights=False))
+        with torch.no_grad():
+            ref.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+        ref.save_pretrained(str(tmp_path / str(seed)))
+        refs[seed] = ref.eval()
+    model = PeftModel.from_pretrained(tiny_bert_cls(), str(tmp_path / "1"))
+    batch = inputs_for(model)
+    torch.testing.assert_close(output_of(model, batch), output_of(refs[1], batch), atol=1e-5, rtol=1e-5)
+    model.hotswap_adapter(str(tmp_path / "2"))
+    torch.testing.assert_close(output_of(model, batch), output_of(refs[2], batch), atol=1e-5, rtol=1e-5)

@@ -196,6 +196,12 @@ def test_load_and_unload_adapters_at_run_time(served, tmp_path):
     assert post(served, "/v1/adapters", {"name": "evil", "path": str(tmp_path)})[0] == 403
     assert post(served, "/v1/adapters", {"name": "base", "path": str(root / "gamma")})[0] == 400
     assert post(served, "/v1/adapters", {"name": "empty", "path": str(root)})[0] == 400  # no adapter files there
+    from peftkit.methods import PromptTuningConfig
+
+    get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        str(root / "prompt"))
+    status, out = post(served, "/v1/adapters", {"name": "prompt", "path": str(root / "prompt")})
+    assert status == 400 and "prompt-learning" in out["error"]["message"]
     assert call(served, "DELETE", "/v1/adapters/gamma")[0] == 200
     assert post(served, "/v1/completions", {"model": "gamma", "prompt": "Hey"})[0] == 404
     assert call(served, "DELETE", "/v1/adapters/gamma")[0] == 404

@@ -183,8 +183,12 @@ class Engine:
 
     def load_adapter(self, name: str, folder: str) -> None:
         """Load the adapter saved in ``folder`` under ``name`` (waits for the running batch)."""
+        from ..config import ConfigError, PeftConfig
         from ..model import PeftModel
 
+        if PeftConfig.from_pretrained(folder).is_prompt_learning:
+            raise ConfigError(f"{folder} holds a prompt-learning adapter; the server batches adapters per "
+                              "row, which prompt methods do not support. Serve LoRA-family adapters.")
         with self.lock:
             if name in self.adapters:
                 raise ValueError(f"An adapter named {name!r} is already loaded; unload it first or pick another name.")
