@@ -33,7 +33,7 @@ class CharTokenizer:
 
     eos_token_id, pad_token_id, chat_template = 1, 0, None
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
         return [2 + (ord(c) - 32) % 95 for c in text]
 
     def decode(self, ids, skip_special_tokens=True):

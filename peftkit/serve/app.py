@@ -132,13 +132,18 @@ async def _read_json(request, limits: Limits) -> dict:
 # ----- running jobs from the event loop ------------------------------------------------------
 def _job(engine: Engine, ids: list[int], adapter: str, params: dict) -> tuple[Job, asyncio.Queue]:
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    job = Job(prompt_ids=ids, adapter=adapter, emit=lambda k, v: loop.call_soon_threadsafe(events.put_nowait, (k, v)),
-              **params)
-    return job, events
+
+    def emit(kind, value):  # runs on the worker thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+            pass
+
+    return Job(prompt_ids=ids, adapter=adapter, emit=emit, **params), events
 
 
-def _prompt_ids(engine: Engine, text: str, limits: Limits) -> list[int]:
-    ids = engine.encode(text)
+def _prompt_ids(engine: Engine, text: str, limits: Limits, special: bool = True) -> list[int]:
+    ids = engine.encode(text, special)
     if not ids:
         raise ApiError(400, "The prompt is empty after tokenisation.", param="prompt")
     if len(ids) > limits.max_prompt_tokens:
@@ -178,7 +183,11 @@ def create_app(engine: Engine, limits: Optional[Limits] = None, adapter_roots: t
         params = _sampling(body, limits, chat)
         adapter = _adapter(body, engine)
         if chat:
-            prompts = [engine.chat_prompt(_messages(body))]
+            messages = _messages(body)
+            try:
+                prompts = [engine.chat_prompt(messages)]
+            except Exception as e:  # e.g. a template that rejects a role order
+                raise ApiError(400, f"The chat template rejected these messages: {e}", param="messages") from None
         else:
             prompts = body.get("prompt")
             prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -186,7 +195,8 @@ def create_app(engine: Engine, limits: Optional[Limits] = None, adapter_roots: t
                     or not all(isinstance(p, str) for p in prompts)):
                 raise ApiError(400, f"'prompt' must be a string or a list of 1 to {limits.max_prompts} strings.",
                                param="prompt")
-        ids = [_prompt_ids(engine, p, limits) for p in prompts]
+        # a chat template writes its own special tokens (BOS); don't add them twice
+        ids = [_prompt_ids(engine, p, limits, special=not chat) for p in prompts]
         jobs = [_job(engine, i, adapter, params) for i in ids]
         try:
             for job, _ in jobs:

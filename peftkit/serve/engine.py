@@ -161,9 +161,9 @@ class Engine:
         self._worker.start()
 
     # ----- text -----------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (with the tokenizer's usual special tokens)."""
-        return list(self.tokenizer.encode(text))
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text``, with the tokenizer's usual special tokens when ``special``."""
+        return list(self.tokenizer.encode(text, add_special_tokens=special))
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` without special tokens."""
@@ -238,7 +238,14 @@ class Engine:
             if first is None:
                 return
             jobs, stop = self._collect(first)
-            self._run(jobs)
+            try:
+                self._run(jobs)
+            except Exception as e:  # e.g. a failing event sink: fail these jobs, keep serving
+                for job in jobs:
+                    try:
+                        job.fail(f"internal error: {type(e).__name__}: {e}")
+                    except Exception:
+                        pass
             if stop:
                 return
 
