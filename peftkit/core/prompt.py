@@ -22,6 +22,7 @@ override :meth:`PromptMethod.attach` and friends. No other core file knows about
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 from typing import Any, ClassVar, Iterable, Iterator, Optional, Union
@@ -125,7 +126,7 @@ def fill_model_dims(config: PromptLearningConfig, model: nn.Module, kv_heads: bo
     return config
 
 
-class PromptMethod(Method):
+class PromptMethod(Method, metaclass=abc.ABCMeta):
     """A method of the prompt interface. Subclasses set ``name``/``config_cls`` and build encoders.
 
     The default hooks keep one encoder per adapter in ``host.prompt_encoder``; the virtual-token
@@ -137,8 +138,8 @@ class PromptMethod(Method):
     supports_many_active: ClassVar[bool] = False
 
     def make_encoder(self, config, model: nn.Module) -> nn.Module:
-        """The module producing this adapter's virtual tokens from ``arange(total tokens)``."""
-        raise TypeError(f"{type(self).__name__} defines no prompt encoder")
+        """The module producing this adapter's virtual tokens (used by the default :meth:`attach`)."""
+        raise TypeError(f"{type(self).__name__} keeps no prompt encoder; it must override attach().")
 
     # ----- bookkeeping hooks ---------------------------------------------------------
     def attach(self, host: "PromptHost", name: str, config) -> None:
@@ -160,21 +161,21 @@ class PromptMethod(Method):
         return host.prompt_encoder[name].parameters()
 
     # ----- the saved form and running (see methods/virtual_tokens.py for virtual tokens) ------
+    @abc.abstractmethod
     def state_to_save(self, host: "PromptHost", name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s tensors under Hugging Face PEFT's keys."""
-        raise TypeError(f"{type(self).__name__} must implement state_to_save")
 
+    @abc.abstractmethod
     def load_plan(self, host: "PromptHost", name: str, tensors: dict[str, torch.Tensor], source: str):
         """(destination, value) pairs for a saved adapter; raises CheckpointError naming the problem."""
-        raise TypeError(f"{type(self).__name__} must implement load_plan")
 
+    @abc.abstractmethod
     def forward(self, host: "PromptHost", name: str, config, kwargs: dict):
         """Run the base model with adapter ``name`` applied."""
-        raise TypeError(f"{type(self).__name__} must implement forward")
 
+    @abc.abstractmethod
     def generate(self, host: "PromptHost", name: str, config, kwargs: dict):
         """The base model's ``generate`` with adapter ``name`` applied."""
-        raise TypeError(f"{type(self).__name__} must implement generate")
 
 
 # ===== the host ======================================================================
@@ -346,7 +347,7 @@ class PromptHost(nn.Module):
     def forward(self, *args, **kwargs):
         """The model's forward with the active adapter's prompt (the base alone when disabled)."""
         if args:
-            kwargs = _positional(self.model, args, kwargs)
+            kwargs = _positional(args, kwargs)
         act = self._active()
         if act is None:
             return self.model(**kwargs)
@@ -355,19 +356,18 @@ class PromptHost(nn.Module):
     def generate(self, *args, **kwargs):
         """The model's ``generate`` with the active adapter's prompt."""
         if args:
-            kwargs = _positional(self.model, args, kwargs)
+            kwargs = _positional(args, kwargs)
         act = self._active()
         if act is None:
             return self.model.generate(**kwargs)
         return self.method(act[0]).generate(self, act[0], act[1], kwargs)
 
 
-def _positional(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    if len(args) > 1:
-        raise TypeError("Pass model inputs other than input_ids by keyword (attention_mask=..., labels=...).")
-    key = "input_ids" if "input_ids" not in kwargs else None
-    if key is None:
-        raise TypeError("input_ids given both positionally and by keyword.")
+def _positional(args: tuple, kwargs: dict) -> dict:
+    """Only input_ids may come positionally (as the first argument of a transformers forward)."""
+    if len(args) > 1 or "input_ids" in kwargs:
+        raise TypeError("Pass input_ids as the only positional argument and everything else by keyword "
+                        "(attention_mask=..., labels=...).")
     return {"input_ids": args[0], **kwargs}
 
 
