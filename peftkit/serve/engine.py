@@ -148,7 +148,8 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 32, batch_wait_s: float = 0.005, max_queue: int = 256):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
-        self.adapters: dict[str, str] = {}  # name -> folder it came from
+        # name -> folder it came from ("" for adapters the given PeftModel already had)
+        self.adapters: dict[str, str] = {n: "" for n in getattr(model, "peft_config", {})}
         self.lock = threading.Lock()
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         eos = getattr(tokenizer, "eos_token_id", None)
