@@ -208,6 +208,22 @@ def test_multiple_prompt_adapters_switch_and_delete():
     torch.testing.assert_close(model(**b).logits, first, atol=0, rtol=0)
 
 
+def test_load_adapter_beside_the_first(tmp_path):
+    factory, saved = build("gpt2", "prefix")
+    randomise(saved)
+    saved.eval()
+    b = batch_for("gpt2", saved)
+    ref = saved(**b).logits
+    saved.save_pretrained(str(tmp_path))
+    _, model = build("gpt2", "prefix")
+    model.eval()
+    own = model(**b).logits
+    model.load_adapter(str(tmp_path), "loaded")
+    torch.testing.assert_close(model(**b).logits, own, atol=0, rtol=0)  # loading does not switch
+    model.set_adapter("loaded")
+    torch.testing.assert_close(model(**b).logits, ref, atol=1e-6, rtol=0)
+
+
 def test_gradient_checkpointing():
     for method in ("prompt", "adaption"):
         _, model = build("llama", method)
