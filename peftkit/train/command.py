@@ -238,7 +238,7 @@ def run(args) -> int:
     if "example_reply" in after:
         _log(f"  e.g. {after['example_reply']!r}")
     _log(f"adapter: {adapter_dir} ({metrics['adapter_mb']:.2f} MB)")
-    _log(f"loss curve: {png}\nmetrics: {os.path.join(out_dir, 'metrics.json')}")
+    _log(f"loss curve: {png or '(no loss logged yet; lower --log-every)'}\nmetrics: {os.path.join(out_dir, 'metrics.json')}")
     _log(f"time: {metrics['total_seconds']:.0f} s total, {train_s:.0f} s training ({trainer.state.global_step} steps)")
     if not metrics["ranks_agree"]:
         _log("WARNING: the ranks ended with different adapters: " + ", ".join(digests))

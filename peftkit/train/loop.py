@@ -47,8 +47,10 @@ class AdapterTrainer(Trainer):
         self.accelerator.device_placement = False
 
     def _move_model_to_device(self, model, device) -> None:
+        want = torch.device(device)
         for p in model.parameters():
-            if p.device != torch.device(device):
+            # "cpu" and "cpu:0" are the same memory; accelerate names the device with an index
+            if p.device.type != want.type or (want.type != "cpu" and p.device != want):
                 raise ValueError(f"peftkit train expects the model on {device} already; found a parameter "
                                  f"on {p.device}. Load the base model onto {device} before wrapping it.")
 
