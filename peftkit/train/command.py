@@ -141,7 +141,7 @@ def run(args) -> int:
     from .loop import enable_checkpointing, make_trainer, plot_losses, set_threads
 
     t0 = time.time()
-    set_threads(args.threads)
+    args.threads = set_threads(args.threads)  # fixed for the run, so every phase uses the same count
     set_seed(args.seed)
     default = args.data is None
     if default:
@@ -165,7 +165,7 @@ def run(args) -> int:
     config = method_config(args, "SEQ_CLS" if task == "classification" else "CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    _log(f"model {path}\nmethod {args.method}: trainable params {trainable:,d} of {total:,d} "
+    _log(f"model {path} ({args.threads} CPU threads)\nmethod {args.method}: trainable params {trainable:,d} of {total:,d} "
          f"({100 * trainable / total:.3f}%)\ndata: {len(train_set)} training examples ({fmt} format), "
          f"{len(eval_recs)} held out")
     if args.gradient_checkpointing:

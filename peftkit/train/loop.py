@@ -144,9 +144,17 @@ def enable_checkpointing(peft_model) -> None:
     inner.config.use_cache = False
 
 
-def set_threads(n: Optional[int]) -> None:
-    """Use ``n`` intra-op threads (default: all cores divided among the local ranks)."""
+def set_threads(n: Optional[int]) -> int:
+    """Use ``n`` intra-op threads; by default the cores left idle by other processes.
+
+    OpenMP threads spin while they wait for each other, so on cores shared with other busy
+    processes two threads can run several times slower than one; the default therefore takes
+    the cores per local rank minus the current load average (at least one).
+    """
     if n is None:
+        cores = os.cpu_count() or 1
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        n = max(1, (os.cpu_count() or 1) // ranks)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        n = max(1, min(cores // ranks, int(cores - busy + 0.5) // ranks))
     torch.set_num_threads(n)
+    return n

@@ -67,13 +67,11 @@ def read_meta(adapter: str) -> dict:
 
 def load_with_adapter(adapter: str, model: Optional[str] = None, threads: Optional[int] = None):
     """(peft_model, tokenizer, meta): the base model with the adapter loaded, in eval mode."""
-    import torch
-
     from .. import models
     from ..model import PeftModel
+    from .loop import set_threads
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     config = PeftConfig.from_pretrained(adapter)
     meta = read_meta(adapter)
     spec = model or meta.get("resolved_model") or config.base_model_name_or_path
