@@ -171,14 +171,19 @@ def test_cat_and_full_rank_svd_are_exact_sums():
 
 def test_combined_adapter_saves_and_reloads(tmp_path):
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
-    model.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "both", combination_type="cat")
+    assert model.peft_config["both"].rank_pattern  # q_proj rank 6, v_proj rank 2
     model.set_adapter("both")
     batch = inputs_for(model)
     want = output_of(model, batch)
     model.save_pretrained(str(tmp_path), selected_adapters=["both"])
     again = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "both"))
     torch.testing.assert_close(output_of(again, batch), want)
+    import peft  # per-layer ranks (rank_pattern on escaped paths) read the same in Hugging Face PEFT
+
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "both"))
+    torch.testing.assert_close(output_of(theirs, batch), want, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_requests_are_refused_and_leave_the_model_unchanged():
