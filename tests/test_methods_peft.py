@@ -152,3 +152,28 @@ def test_adalora_pruned_adapter_round_trips_with_peft(tmp_path):
         again = peft.PeftModel.from_pretrained(factory(), str(tmp_path / folder)).eval()
         torch.testing.assert_close(output_of(again, batch), ref, atol=1e-5, rtol=1e-5)
     assert os.path.getsize(tmp_path / "ours" / "adapter_model.safetensors") > 0
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_conv_layers_match_peft_both_ways(method, tmp_path):
+    from conftest import TinyConvNet
+
+    targets = ["conv1", "conv2", "head"]
+    ours_cfg = {"loha": LoHaConfig, "lokr": LoKrConfig}[method](r=2, alpha=3, target_modules=targets)
+    theirs_cfg = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[method](r=2, alpha=3, target_modules=targets)
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    pm = peft.get_peft_model(TinyConvNet(), theirs_cfg)
+    perturb(pm, 11)
+    ref = pm.eval()(ids)
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    ours = PeftModel.from_pretrained(TinyConvNet(), str(tmp_path / "theirs")).eval()
+    torch.testing.assert_close(ours(ids), ref, atol=1e-5, rtol=1e-5)
+    ours.merge_adapter()
+    torch.testing.assert_close(ours(ids), ref, atol=1e-5, rtol=1e-5)
+    ours.unmerge_adapter()
+    mine = get_peft_model(TinyConvNet(), ours_cfg)
+    perturb(mine, 12)
+    expected = mine.eval()(ids)
+    mine.save_pretrained(str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(TinyConvNet(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(back(ids), expected, atol=1e-5, rtol=1e-5)

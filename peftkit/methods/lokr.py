@@ -120,6 +120,12 @@ class LoKrDelta(LycorisDelta):
         return w1, w2
 
     def weight_2d_delta(self) -> torch.Tensor:
+        if hasattr(self, "lokr_w2") and self.lokr_w2.dim() == 3:
+            # Conv1d with a full W2: PEFT takes kron(W1, W2) with W1 promoted to (1, a, c) and
+            # reshapes the (b, a*d, c*k) result; following it keeps saved files meaning the same
+            w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
+            w = torch.kron(w1, self.lokr_w2)
+            return w.reshape(self.shape[0] * self.shape[1], -1) * self.scaling
         # kron keeps the kernel positions of W2 innermost, matching the (out, in*kernel) view
         w1, w2 = self.factors()
         return torch.kron(w1, w2) * self.scaling
