@@ -199,3 +199,16 @@ def test_generate_chat_keeps_history(trained, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["generate", "--adapter", str(trained), "--chat", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.count("model> ") == 2
+
+
+def test_resume_skips_a_checkpoint_cut_off_mid_save(tmp_path):
+    from peftkit.train.command import latest_checkpoint
+
+    for step, complete in ((2, True), (4, True), (10, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"")
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert latest_checkpoint(str(tmp_path / "missing")) is None

@@ -171,12 +171,21 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _site_of(key: str) -> str:
+    """The module path of a PEFT tensor key: up to the adapter's own part (``lora_A``, ...)."""
+    parts = key.removeprefix("base_model.model.").split(".")
+    for i, part in enumerate(parts):
+        if i and (part.startswith(("lora_", "hada_", "lokr_", "ia3_", "vera_")) or part in ("base_layer", "modules_to_save")):
+            return ".".join(parts[:i])
+    return ".".join(parts[:-1])  # a parameter of the module itself (a trained head or bias)
+
+
 def describe(adapter: str) -> dict:
     """Method, targets, parameter count, file size and base model of an adapter folder."""
     config = PeftConfig.from_pretrained(adapter)
     tensors = load_tensors(adapter)
     weights = os.path.join(adapter, WEIGHTS_NAME)
-    sites = sorted({k.removeprefix("base_model.model.").rsplit(".", 2)[0] for k in tensors})
+    sites = sorted({_site_of(k) for k in tensors})
     modules = sorted({s.rsplit(".", 1)[-1] for s in sites})
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     out = {
