@@ -33,6 +33,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "peftkit.train.command",
     "peftkit.train.tools",
     "peftkit.serve.cli",
+    "peftkit.io.gguf", "peftkit.estimate",
 )
 
 

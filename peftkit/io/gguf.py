@@ -193,3 +193,34 @@ def export_gguf(adapter_dir: str, out_path: str, base_gguf: Optional[str] = None
             os.unlink(tmp)
         raise
     return {"arch": hp["arch"], "alpha": alpha, "tensors": {k: tuple(v.shape) for k, v in out.items()}}
+
+
+def register(subparsers) -> None:
+    """Add ``peftkit export`` (peftkit/cli.py's registration hook)."""
+    p = subparsers.add_parser("export", help="write a LoRA adapter as a llama.cpp GGUF adapter",
+                              description="Export a LoRA adapter folder to llama.cpp's GGUF adapter format "
+                                          "(use it with `llama-cli -m base.gguf --lora out.gguf`).")
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + weights)")
+    p.add_argument("--gguf", required=True, help="output .gguf file")
+    p.add_argument("--base-gguf", default=None,
+                   help="the llama.cpp base model file (default: the SmolLM2 GGUF when the adapter was "
+                        "trained on peftkit's default model, else the adapter's base folder config)")
+    p.add_argument("--base-config", default=None, help="base model folder or config.json (instead of --base-gguf)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16"])
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    base_gguf, base_config = args.base_gguf, args.base_config
+    if base_gguf is None and base_config is None:
+        from ..models import cache_dir, default_gguf
+
+        with open(os.path.join(args.adapter, "adapter_config.json"), encoding="utf-8") as fh:
+            base = json.load(fh).get("base_model_name_or_path") or ""
+        if base == "smollm2" or (base and os.path.abspath(base).startswith(os.path.abspath(cache_dir()))
+                                 and os.path.basename(base.rstrip("/")).startswith(
+                                     os.path.splitext(os.path.basename(default_gguf()))[0])):
+            base_gguf = default_gguf()  # trained on the default model: its GGUF is the llama.cpp base
+    summary = export_gguf(args.adapter, args.gguf, base_gguf=base_gguf, base_config=base_config, dtype=args.dtype)
+    print(f"wrote {args.gguf}: {len(summary['tensors'])} tensors, arch {summary['arch']}, alpha {summary['alpha']:g}")
+    return 0

@@ -1,0 +1,84 @@
+"""peftkit estimate vs the measured peak RSS of real training steps on SmolLM2-135M.
+
+Each configuration runs in a fresh process: the estimate is taken first (the process then holds
+only Python, torch and transformers, as `peftkit estimate` would), then the model is loaded,
+quantised if asked, wrapped, VmHWM is reset (`echo 5 > /proc/self/clear_refs`) and three AdamW
+steps run on random tokens. Writes benchmarks/results/estimate_vs_measured.json and prints a table.
+
+    .venv/bin/python benchmarks/estimate_vs_measured.py [--configs lora qlora prefix] [--batch 4 --seq 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _status(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def one(name: str, batch: int, seq: int) -> dict:
+    """Estimate, then measure, one configuration in this process."""
+    import torch
+
+    torch.set_num_threads(2)
+    from peftkit import get_peft_model
+    from peftkit.estimate import estimate_memory, method_config
+    from peftkit.models import load_model, resolve
+    from peftkit.quant import prepare_model_for_kbit_training, quantize_model
+
+    path = resolve(None, log=lambda m: None)
+    est = estimate_memory(path, name, (batch, seq))
+    model = load_model(path)
+    if name == "qlora":
+        quantize_model(model, "4bit")
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    pm = get_peft_model(model, method_config(name))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    pm.train()
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    peak = _status("VmHWM")
+    return {"config": name, "batch": [batch, seq], "estimate": est.total, "measured_peak": peak,
+            "error": (est.total - peak) / peak, "breakdown": {k: v for k, v in vars(est).items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="+", default=["lora", "qlora", "prefix"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.batch, args.seq)))
+        return
+    rows = []
+    for name in args.configs:
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--seq", str(args.seq)],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{name:8s} estimate {r['estimate'] / 2**20:8.1f} MiB  measured {r['measured_peak'] / 2**20:8.1f} MiB  "
+              f"error {100 * r['error']:+.1f}%", flush=True)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "estimate_vs_measured.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
