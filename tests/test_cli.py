@@ -212,3 +212,26 @@ def test_resume_skips_a_checkpoint_cut_off_mid_save(tmp_path):
             (d / "trainer_state.json").write_text("{}")
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
     assert latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_gradient_checkpointing_still_trains_the_adapter(model_dir, datasets, tmp_path):
+    assert train(model_dir, tmp_path, "--data", datasets["text"], "--max-steps", "2", "--gradient-checkpointing") == 0
+    b = [t for k, t in adapter_tensors(tmp_path / "adapter").items() if "lora_B" in k]
+    assert b and all(t.abs().sum() > 0 for t in b)  # B starts at zero: gradients reached every layer
+
+
+def test_enable_checkpointing_recomputes_and_keeps_gradients():
+    from conftest import tiny_llama
+
+    from peftkit import LoraConfig, get_peft_model
+    from peftkit.train.loop import enable_checkpointing
+
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM"))
+    enable_checkpointing(model)
+    inner = model.get_base_model()
+    assert inner.is_gradient_checkpointing and inner.config.use_cache is False
+    model.train()
+    ids = torch.randint(2, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
