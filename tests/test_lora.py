@@ -230,3 +230,37 @@ def test_pissa_saved_as_plain_lora_for_the_original_base(init, tmp_path):
     plain = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "plain"))  # the ORIGINAL base
     assert plain.peft_config["default"].r == 8
     torch.testing.assert_close(output_of(plain, batch), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_traces_sites_without_graph_breaks():
+    import torch._dynamo as dynamo
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", use_dora=True)).eval()
+    explained = dynamo.explain(model.get_base_model())(**inputs_for(model.get_base_model()))
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_set_adapter_cost_does_not_touch_other_adapters():
+    """With many adapters loaded, switching toggles only the two adapters involved."""
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    for i in range(5):
+        model.add_adapter(f"x{i}", LoraConfig(r=2, target_modules=["q_proj"]))
+    touched = []
+    real = torch.nn.Parameter.requires_grad_
+
+    def spy(self, flag=True):
+        touched.append(self)
+        return real(self, flag)
+
+    torch.nn.Parameter.requires_grad_ = spy
+    try:
+        model.set_adapter("x3")
+    finally:
+        torch.nn.Parameter.requires_grad_ = real
+    per_adapter = 2 * 2  # two layers x (A, B)
+    assert len(touched) == 2 * per_adapter
+    trainable = {n.split(".deltas.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"x3"}

@@ -33,6 +33,11 @@ class AdapterHost(nn.Module):
         self.peft_config: dict = {}
         self.active_adapters: list[str] = []
         self.trainable_base: dict[str, set[str]] = {}  # adapter -> base parameter names it trains
+        # Trainability bookkeeping, so that set/add/delete cost what changes, not what is loaded:
+        self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its Deltas' parameters
+        self._train_on: set[str] = set()                   # adapters whose parameters require grad
+        self._base_on: set[str] = set()                    # base parameter names requiring grad
+        self._base_frozen = False
 
     def __getattr__(self, name: str):
         """Functions a loaded method offers on the host (``Method.host_api``), e.g. AdaLoRA's
@@ -94,12 +99,15 @@ class AdapterHost(nn.Module):
             self.peft_config.pop(adapter_name, None)
             self.trainable_base.pop(adapter_name, None)
             raise
-        for p in self.model.parameters():
+        if not self._base_frozen:  # once: the user's model arrives fully trainable
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self._base_frozen = True
+        params = {id(p): p for path in done for p in self.model.get_submodule(path).deltas[adapter_name].parameters()}
+        self._params[adapter_name] = list(params.values())
+        for p in self._params[adapter_name]:
             p.requires_grad_(False)
-        if not self.active_adapters:
-            self.set_adapter(adapter_name)
-        else:
-            self.set_adapter(self.active_adapters)
+        self.set_adapter(self.active_adapters or adapter_name)
 
     def _modules_to_save_paths(self, config) -> list[str]:
         names = getattr(config, "modules_to_save", None) or []
@@ -122,18 +130,21 @@ class AdapterHost(nn.Module):
         self._apply_trainability()
 
     def _apply_trainability(self) -> None:
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for _, site in sites(self.model):
-            for n, d in site.deltas.items():
-                train = n in self.active_adapters and not self.peft_config[n].inference_mode
-                d.requires_grad_(train)
-        params = dict(self.model.named_parameters())
-        for n in self.active_adapters:
-            if self.peft_config[n].inference_mode:
-                continue
-            for pname in self.trainable_base.get(n, ()):
-                params[pname].requires_grad_(True)
+        """Toggle requires_grad only where the set of trainable adapters changed."""
+        want = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
+        for n in self._train_on - want:
+            for p in self._params.get(n, ()):
+                p.requires_grad_(False)
+        for n in want - self._train_on:
+            for p in self._params[n]:
+                p.requires_grad_(True)
+        self._train_on = want
+        base = set().union(*(self.trainable_base.get(n, ()) for n in want)) if want else set()
+        for pname in self._base_on - base:
+            self.model.get_parameter(pname).requires_grad_(False)
+        for pname in base - self._base_on:
+            self.model.get_parameter(pname).requires_grad_(True)
+        self._base_on = base
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` everywhere; the original modules return where no adapter is left."""
@@ -144,12 +155,16 @@ class AdapterHost(nn.Module):
                 detach(self.model, path, name)
         del self.peft_config[name]
         self.trainable_base.pop(name, None)
+        self._params.pop(name, None)
+        self._train_on.discard(name)
         remaining = [a for a in self.active_adapters if a != name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         self.active_adapters = remaining
         if remaining:
             self.set_adapter(remaining)
+        else:
+            self._apply_trainability()
 
     # ----- merging ------------------------------------------------------------------
     def merge(self, names=None, safe_merge: bool = False) -> None:
@@ -181,6 +196,8 @@ class AdapterHost(nn.Module):
         self.peft_config.clear()
         self.active_adapters = []
         self.trainable_base.clear()
+        self._params.clear()
+        self._train_on, self._base_on = set(), set()
         return self.model
 
     @contextlib.contextmanager

@@ -22,6 +22,10 @@ from .method import Delta
 BASE = "__base__"  # row name meaning "no adapter" in mixed batches
 
 _ROUTING: contextvars.ContextVar[Optional["Routing"]] = contextvars.ContextVar("peftkit_routing", default=None)
+# How many routing blocks are open in any thread. Site.forward reads this plain global first:
+# torch.compile traces a global but not a ContextVar, so the common (unrouted) path has no graph
+# break; only inside a routing block is the thread-safe ContextVar consulted.
+_OPEN_ROUTINGS = 0
 
 
 class Routing:
@@ -67,10 +71,13 @@ def adapter_routing(names: Optional[Sequence[str]], reuse: bool = False):
 
     ``reuse=True`` (generation) lets methods cache per-row gathered weights until the block ends.
     """
+    global _OPEN_ROUTINGS
     token = _ROUTING.set(Routing(names, reuse) if names is not None else None)
+    _OPEN_ROUTINGS += 1
     try:
         yield
     finally:
+        _OPEN_ROUTINGS -= 1
         _ROUTING.reset(token)
 
 
@@ -153,9 +160,10 @@ class Site(nn.Module):
 
     # ----- forward ------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
-        routing = _ROUTING.get()
-        if routing is not None:
-            return self._forward_mixed(routing, x, *args, **kwargs)
+        if _OPEN_ROUTINGS:
+            routing = _ROUTING.get()
+            if routing is not None:
+                return self._forward_mixed(routing, x, *args, **kwargs)
         if self._replace is not None:
             y = self._replace.replace(x, *args, **kwargs)
         elif self._pre:

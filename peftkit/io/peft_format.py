@@ -48,7 +48,6 @@ def _extra_key(key: str) -> str:
 def _aliases(host, name: str) -> tuple[dict[str, str], set[str]]:
     """PEFT spellings that mean the same tensor, and keys PEFT writes that carry no adapter state."""
     alias, ignore = {}, set()
-    params = dict(host.model.named_parameters())
     for path, site in sites(host.model):
         if name not in site.deltas:
             continue
@@ -56,7 +55,7 @@ def _aliases(host, name: str) -> tuple[dict[str, str], set[str]]:
             for pname in site.deltas[name].module.state_dict():
                 alias[f"{PREFIX}{path}.modules_to_save.{pname}"] = f"{PREFIX}{path}.{pname}"
                 ignore.add(f"{PREFIX}{path}.original_module.{pname}")
-        elif f"{path}.base_layer.weight" in params:
+        elif isinstance(getattr(site.base_layer, "weight", None), torch.nn.Parameter):
             # PEFT saves the full embedding weight of targeted embeddings (resized vocabularies)
             ignore.add(f"{PREFIX}{path}.base_layer.weight")
     return alias, ignore
@@ -73,14 +72,14 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
     for k, v in method.extra_state(host, host.peft_config[name], name).items():
         expected[_extra_key(k)] = v
     alias, ignore = _aliases(host, name)
-    params = dict(host.model.named_parameters())
     plan, seen = [], set()
     for key, value in sorted(tensors.items()):
         key = alias.get(key, key)
         if key in ignore:
-            base_key = key[len(PREFIX):]
-            if base_key in params and params[base_key].shape == value.shape:
-                plan.append((params[base_key], value))
+            if key.endswith(".base_layer.weight"):  # PEFT's copy of a targeted embedding's weight
+                dest = host.model.get_parameter(key[len(PREFIX):])
+                if dest.shape == value.shape:
+                    plan.append((dest, value))
             continue
         if key not in expected:
             sample = ", ".join(sorted(expected)[:3])

@@ -87,8 +87,13 @@ def is_quantized(module: nn.Module) -> bool:
     return backend_for(module) is not None
 
 
+_DENSE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+
+
 def dequantize(module: nn.Module) -> torch.Tensor:
     """Dense ``out x in`` weight of a quantised layer (``module.weight`` for dense layers)."""
+    if type(module) in _DENSE or type(module).__name__ == "Conv1D":
+        return module.weight  # the common case, first: torch.compile traces it without a break
     b = backend_for(module)
     return module.weight if b is None else b.dequantize(module)
 

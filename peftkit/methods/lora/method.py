@@ -81,8 +81,7 @@ class LoraMethod(Method):
         return plain_lora_state(tensors, initial, config)
 
     def extra_state(self, host, config, adapter_name):
-        params = dict(host.model.named_parameters())
-        return {n: params[n] for n in sorted(host.trainable_base.get(adapter_name, ()))}
+        return {n: host.model.get_parameter(n) for n in sorted(host.trainable_base.get(adapter_name, ()))}
 
 
 def _is_site_bias(model: nn.Module, pname: str, adapter_name: str) -> bool:
