@@ -218,7 +218,8 @@ class AdapterHost(nn.Module):
 
 
 def _match_device(delta: nn.Module, base: nn.Module) -> None:
+    """Move ``delta`` to the base layer's device (skipped when already there: ``.to`` is slow)."""
     for p in base.parameters():
-        if p.device.type != "meta":
+        if p.device.type != "meta" and any(q.device != p.device for q in delta.parameters()):
             delta.to(p.device)
         return

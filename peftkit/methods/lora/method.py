@@ -59,7 +59,9 @@ class LoraMethod(Method):
             delta = LoraConv(module, **kw)
         else:
             raise UnsupportedSite(f"layer type {type(module).__name__} is not supported by LoRA.")
-        delta.to(dtype=_adapter_dtype(module))
+        dtype = _adapter_dtype(module)
+        if dtype != torch.get_default_dtype():
+            delta.to(dtype=dtype)
         initialise(delta, config.init_lora_weights, module)
         if config.use_dora:
             delta.init_magnitude(module)
