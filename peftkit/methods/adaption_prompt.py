@@ -31,7 +31,6 @@ the original module and adds the gated prompt term. It belongs to the prompt int
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from typing import Optional
 
@@ -101,7 +100,6 @@ class AdaptedAttention(nn.Module):
         self.layout = layout
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
-        self._signature = inspect.signature(base_layer.forward)
 
     def __getattr__(self, name: str):
         try:
@@ -115,16 +113,16 @@ class AdaptedAttention(nn.Module):
         out = self.base_layer(*args, **kwargs)
         if not self.active:
             return out
-        call = self._signature.bind(*args, **kwargs).arguments
-        extra = call.get("kwargs", {})
-        hidden = call["hidden_states"]
-        if call.get("encoder_hidden_states", extra.get("encoder_hidden_states")) is not None:
+        # transformers passes hidden_states first (Llama by keyword, GPT-2 positionally) and
+        # Llama's rotary (cos, sin) as position_embeddings, its second parameter
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if kwargs.get("encoder_hidden_states") is not None:
             raise ValueError("Adaption prompts are not supported in cross-attention.")
         attn, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
         for name in self.active:
             a = self.adapters[name]
             if self.layout == "llama":
-                cos_sin = call.get("position_embeddings", extra.get("position_embeddings"))
+                cos_sin = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
                 attn = attn + self._llama(a, hidden, cos_sin, attn.dtype)
             else:
                 attn = attn + self._gpt2(a, hidden, attn.dtype)
