@@ -1,24 +1,26 @@
-"""The prompt interface: methods that add virtual tokens instead of wrapping layers.
+"""The prompt interface: methods that add tokens or attention instead of a weight update.
 
 Prompt tuning, p-tuning and prefix tuning never change a module of the base model: they put
-learned vectors in front of the real tokens, either as input embeddings (prompt tuning, p-tuning)
-or as key/value pairs already in every attention layer's cache (prefix tuning). What they share,
-and what lives here, is the bookkeeping around the base model's forward and ``generate``:
+learned vectors in front of the real tokens, as input embeddings or as key/value pairs already in
+every attention layer's cache. LLaMA-Adapter adds a gated attention over learned prompts to the
+top attention layers. None of them is "math at a site" with a (x, y) -> y' contract, so they get
+their own interface here:
 
-- the attention mask gains ``num_virtual_tokens`` ones on the left; labels gain as many ``-100``
-  so the loss is computed on real tokens only; position ids are shifted past a KV prefix;
-- KV prefixes are put in a transformers ``Cache`` (``DynamicCache``; the decoder's self-attention
-  cache of an ``EncoderDecoderCache`` for seq2seq) with ``num_key_value_heads`` heads, so
-  grouped-query attention works;
-- ``generate`` adds the prompt once, at prefill: the virtual tokens are turned into a KV cache of
-  length V and the real tokens follow it with position ids ``V + cumsum(mask) - 1``, so a
-  left-padded batch decodes exactly like each row alone. The base model's ``generate`` runs
-  unchanged and nothing is patched.
+- :class:`PromptLearningConfig`, the fields the virtual-token methods share, and
+  :func:`fill_model_dims`, which reads them from the model (KV prefixes take
+  ``num_key_value_heads`` heads, so grouped-query attention works);
+- :class:`PromptMethod`, the hooks a method implements: build and remove one adapter's state,
+  activation, its trainable parameters, its saved form, ``forward`` and ``generate``;
+- :class:`PromptHost`, which stands where :class:`~peftkit.core.host.AdapterHost` stands for
+  site methods (``peft_model.base_model``) and offers the same management calls (inject,
+  set_adapter, delete_adapter, disabled, unload, save/load plans), plus task heads
+  (``modules_to_save``) as Sites.
 
-:class:`PromptHost` stands where :class:`~peftkit.core.host.AdapterHost` stands for site methods
-(``peft_model.base_model``) and offers the same management calls. A :class:`PromptMethod` builds
-one adapter's encoder; methods that need more (LLaMA-Adapter's gated attention wrappers)
-override :meth:`PromptMethod.attach` and friends. No other core file knows about this module.
+The virtual-token mechanics (attention masks, ``-100`` labels, position ids, the KV cache, and
+``generate`` adding the prompt once at prefill) are shared by three methods and live in
+``methods/virtual_tokens.py``; LLaMA-Adapter's attention wrapper in ``methods/adaption_prompt.py``.
+``PeftModel`` routes a config here when its registered Method has ``kind == "prompt"``; no other
+core file knows about this module.
 """
 from __future__ import annotations
 
