@@ -67,9 +67,17 @@ class HybridModel(nn.Module):
         self.set_trainable()
 
     def set_trainable(self) -> None:
-        """Activate every part; each part's parameters train (the prompt host resets the layer
-        sites when it activates its own adapter, so the layer host goes last)."""
+        """Activate every part; each part's parameters train. The prompt host switches off the
+        layer adapters it does not know when it activates its own, and the layer host only
+        toggles what it believes changed, so their gradients are switched back on here."""
+        from ..core.inject import sites
+
         self.layers.set_adapter(self.layer_names)
+        host = self.layers.base_model
+        for _, site in sites(host.model):
+            for name, delta in site.deltas.items():
+                if name in self.layer_names:
+                    delta.requires_grad_(not host.peft_config[name].inference_mode)
 
     def forward(self, *args: Any, **kwargs: Any):
         """The base model's forward with every part applied."""
