@@ -261,6 +261,6 @@ def test_set_adapter_cost_does_not_touch_other_adapters():
     finally:
         torch.nn.Parameter.requires_grad_ = real
     per_adapter = 2 * 2  # two layers x (A, B)
-    assert len(touched) == 2 * per_adapter
+    assert len(touched) == 2 * per_adapter  # the old active adapter off, the new one on
     trainable = {n.split(".deltas.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"x3"}

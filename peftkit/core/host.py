@@ -130,19 +130,24 @@ class AdapterHost(nn.Module):
         self._apply_trainability()
 
     def _apply_trainability(self) -> None:
-        """Toggle requires_grad only where the set of trainable adapters changed."""
+        """Freeze the adapters that stop training and (re)enable the active ones.
+
+        The cost follows the adapters involved, never all that are loaded. Active adapters are
+        always re-enabled, so code that froze parameters behind the host's back (a composed
+        prompt host, a user's ``requires_grad_(False)``) cannot leave them stuck.
+        """
         want = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
         for n in self._train_on - want:
             for p in self._params.get(n, ()):
                 p.requires_grad_(False)
-        for n in want - self._train_on:
+        for n in want:
             for p in self._params[n]:
                 p.requires_grad_(True)
         self._train_on = want
         base = set().union(*(self.trainable_base.get(n, ()) for n in want)) if want else set()
         for pname in self._base_on - base:
             self.model.get_parameter(pname).requires_grad_(False)
-        for pname in base - self._base_on:
+        for pname in base:
             self.model.get_parameter(pname).requires_grad_(True)
         self._base_on = base
 
