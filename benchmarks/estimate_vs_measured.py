@@ -76,8 +76,11 @@ def main() -> None:
         print(f"{name:8s} estimate {r['estimate'] / 2**20:8.1f} MiB  measured {r['measured_peak'] / 2**20:8.1f} MiB  "
               f"error {100 * r['error']:+.1f}%", flush=True)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "estimate_vs_measured.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
+    path = os.path.join(HERE, "results", "estimate_vs_measured.json")
+    old = json.load(open(path)) if os.path.exists(path) else []
+    keep = [r for r in old if r["config"] not in {n for n in args.configs}]  # rerun configs replace theirs
+    with open(path, "w") as fh:
+        json.dump(keep + rows, fh, indent=1)
 
 
 if __name__ == "__main__":

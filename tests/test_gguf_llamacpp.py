@@ -36,7 +36,7 @@ def test_llama_cpp_applies_exported_adapter_like_peftkit(tmp_path):
 
     path = _smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 torch_dtype=torch.float32).eval()
+                                                 dtype=torch.float32).eval()
     ids = [1, 504, 3458, 282, 4649, 314, 253, 1789, 30, 378, 2701, 288, 4337, 5354, 84, 28]
     pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
