@@ -190,7 +190,7 @@ def run(args) -> int:
         eval_strategy="steps" if args.eval_every and eval_set is not None else "no",
         eval_steps=args.eval_every or None, report_to="none", use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None, remove_unused_columns=False,
-        label_names=["labels"], dataloader_num_workers=0, disable_tqdm=False,
+        label_names=["labels"], dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True,
         ddp_find_unused_parameters=False, save_only_model=False,
     )
     set_threads(args.threads)  # accelerate resets the thread count when it starts a process group

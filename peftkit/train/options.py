@@ -63,7 +63,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=int, help="CPU threads per process (default: cores / local ranks)")
     t.add_argument("--exact-match", action="store_true",
                    help="also score greedy generations against the eval answers (prompt/completion and chat data)")
-    t.add_argument("--train-size", type=int, default=480, help="built-in task: training examples")
+    t.add_argument("--train-size", type=int, default=320, help="built-in task: training examples")
     t.add_argument("--eval-size", type=int, default=50, help="built-in task: held-out examples")
 
 
