@@ -235,3 +235,18 @@ def test_enable_checkpointing_recomputes_and_keeps_gradients():
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_trained_adapter_loads_in_hugging_face_peft(trained, model_dir):
+    from peft import PeftModel as HFPeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.train.tools import load_with_adapter
+
+    ours, _, _ = load_with_adapter(str(trained))
+    theirs = HFPeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(trained)).eval()
+    ids = torch.randint(4, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        with ours.disable_adapter():  # the adapter is not a no-op, so the match above means something
+            assert not torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
