@@ -198,3 +198,14 @@ def test_mergeable_unmerge_of_merged_adapter_on_delete():
     model.delete_adapter("default")
     torch.testing.assert_close(base.model.layers[0].self_attn.q_proj.weight, w, atol=1e-6, rtol=0)
     assert isinstance(base.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+def test_wrapped_model_moves_with_to_and_files_are_readable(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.to("cpu").to(torch.float64).to(torch.float32)  # nn.Module._apply must not be shadowed
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.deltas["default"].lora_A.weight.dtype == torch.float32
+    model.save_pretrained(str(tmp_path))
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask  # as open() would make it

@@ -171,10 +171,10 @@ class Site(nn.Module):
         else:
             y = self._base(x, *args, **kwargs)
         for delta, dtype in self._run:
-            y = self._apply(delta, dtype, x, y)
+            y = self._run_delta(delta, dtype, x, y)
         return y
 
-    def _apply(self, delta: Delta, dtype, x, y):
+    def _run_delta(self, delta: Delta, dtype, x, y):
         if dtype is None or x.dtype == dtype or not x.is_floating_point():
             out = delta(x, y, self._base)
         else:
@@ -211,7 +211,7 @@ class Site(nn.Module):
             for d, idx in items:
                 dt = _param_dtype(d)
                 y_rows = self._base_with(x[idx], [(d, dt)], *args, **kwargs) if d.transforms_input else y[idx]
-                part = self._apply(d, dt, x[idx], y_rows)
+                part = self._run_delta(d, dt, x[idx], y_rows)
                 out = out.index_copy(0, idx, part)  # row groups are disjoint
         return out
 

@@ -33,26 +33,7 @@ def load_adapter_weights(peft_model, folder: str, adapter_name: str = "default")
 
 
 class AdapterTrainer(Trainer):
-    """A Trainer whose checkpoints are peftkit adapters plus Trainer's own optimizer/RNG state.
-
-    The model is placed on its device before the Trainer sees it, so the Trainer's and
-    accelerate's own ``model.to(device)`` calls are skipped: ``core.site.Site`` defines an
-    ``_apply(delta, dtype, x, y)`` helper that shadows ``nn.Module._apply``, which makes
-    ``.to()`` on a wrapped model raise (reported to the lead; this keeps training independent
-    of that fix).
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.accelerator.device_placement = False
-
-    def _move_model_to_device(self, model, device) -> None:
-        want = torch.device(device)
-        for p in model.parameters():
-            # "cpu" and "cpu:0" are the same memory; accelerate names the device with an index
-            if p.device.type != want.type or (want.type != "cpu" and p.device != want):
-                raise ValueError(f"peftkit train expects the model on {device} already; found a parameter "
-                                 f"on {p.device}. Load the base model onto {device} before wrapping it.")
+    """A Trainer whose checkpoints are peftkit adapters plus Trainer's own optimizer/RNG state."""
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         if not self.args.should_save:
