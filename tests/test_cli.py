@@ -231,6 +231,8 @@ def test_enable_checkpointing_recomputes_and_keeps_gradients():
     inner = model.get_base_model()
     assert inner.is_gradient_checkpointing and inner.config.use_cache is False
     model.train()
+    probe = torch.randint(2, 100, (1, 4))
+    assert not inner.get_input_embeddings()(probe).requires_grad  # backward stops at the lowest adapter
     ids = torch.randint(2, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
@@ -250,3 +252,10 @@ def test_trained_adapter_loads_in_hugging_face_peft(trained, model_dir):
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
         with ours.disable_adapter():  # the adapter is not a no-op, so the match above means something
             assert not torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_quantize_4bit_trains_a_qlora_adapter(model_dir, datasets, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    assert train(model_dir, tmp_path, "--data", datasets["text"], "--max-steps", "2", "--quantize", "4bit") == 0
+    b = [t for k, t in adapter_tensors(tmp_path / "adapter").items() if "lora_B" in k]
+    assert b and all(t.abs().sum() > 0 for t in b)

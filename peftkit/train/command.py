@@ -157,6 +157,11 @@ def run(args) -> int:
     train_set, eval_set, eval_recs, fmt, labels = _load_data(args, tokenizer)
     task = "classification" if fmt == "classification" else "causal"
     model = models.load_model(path, task, num_labels=len(labels) if labels else None, dtype=args.dtype)
+    if getattr(args, "quantize", None):
+        from ..quant import prepare_model_for_kbit_training, quantize_model
+
+        quantize_model(model, args.quantize)
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
     if labels:
         model.config.id2label = {i: str(name) for name, i in labels.items()}
         model.config.label2id = {str(name): i for name, i in labels.items()}

@@ -110,18 +110,16 @@ def plot_losses(log_history: list[dict], path: str, title: str = "peftkit train"
 def enable_checkpointing(peft_model) -> None:
     """Recompute activations in backward (less memory, ~30% more time), frozen base included.
 
-    The base model is frozen, so its embedding output carries no gradient; the inputs are made
-    to require one so that checkpointed blocks still pass gradients back to the adapters.
+    Non-reentrant checkpointing passes gradients to the adapters inside each block without the
+    inputs requiring grad, so backward stops at the lowest adapter instead of running down to
+    the embeddings (the hook transformers adds for that is removed again).
     """
     inner = peft_model.get_base_model()
-    enable = getattr(inner, "activation_checkpointing_enable", None) or getattr(inner, "gradient_checkpointing_enable", None)
-    if enable is None or not getattr(inner, "supports_gradient_checkpointing", False):
+    if not getattr(inner, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(inner).__name__} does not support gradient checkpointing; drop --gradient-checkpointing.")
-    enable(**({"activation_checkpointing_kwargs": {"use_reentrant": False}}
-              if enable.__name__ == "activation_checkpointing_enable" else
-              {"gradient_checkpointing_kwargs": {"use_reentrant": False}}))
-    if hasattr(inner, "enable_input_require_grads"):
-        inner.enable_input_require_grads()
+    from ..quant.prepare import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(inner, use_gradient_checkpointing=True)
     inner.config.use_cache = False
 
 

@@ -33,6 +33,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-fraction", type=float, default=0.0, help="share of --data held out when no --eval-data")
     g.add_argument("--output", "-o", default="peftkit-run", help="run folder: adapter/, checkpoints/, loss.png, metrics.json")
     g.add_argument("--dtype", default="float32", help="model weights dtype (float32, bfloat16)")
+    g.add_argument("--quantize", choices=["4bit", "nf4", "fp4", "8bit"],
+                   help="freeze the base in bitsandbytes 4-bit (NF4) or 8-bit and train the adapter on top (QLoRA)")
     g.add_argument("--max-length", type=int, default=512, help="tokens per example; longer ones are cut")
     m = p.add_argument_group("method")
     m.add_argument("--method", default="lora", help="a registered method name (lora, ...)")
