@@ -140,10 +140,11 @@ class AdaptedAttention(nn.Module):
         kv = base.k_proj.out_features // hd
         b, t, _ = hidden.shape
         n = a.adaption_prompt.shape[1]
-        k = base.k_proj(a.adaption_prompt).view(1, n, kv, hd).transpose(1, 2)
-        v = base.v_proj(a.adaption_prompt).view(1, n, kv, hd).transpose(1, 2)
-        k = torch.repeat_interleave(k, heads // kv, dim=1).expand(b, -1, -1, -1)
-        v = torch.repeat_interleave(v, heads // kv, dim=1).expand(b, -1, -1, -1)
+        # materialised per row (not expand): batched matmul then rounds exactly as PEFT's does
+        k = base.k_proj(a.adaption_prompt).view(1, n, kv, hd).repeat(b, 1, 1, 1).transpose(1, 2)
+        v = base.v_proj(a.adaption_prompt).view(1, n, kv, hd).repeat(b, 1, 1, 1).transpose(1, 2)
+        k = torch.repeat_interleave(k, heads // kv, dim=1)
+        v = torch.repeat_interleave(v, heads // kv, dim=1)
         q = base.q_proj(hidden).view(b, t, heads, hd).transpose(1, 2)
         if cos_sin is None:
             raise ValueError("LLaMA-style attention was called without position_embeddings; this transformers "
@@ -158,8 +159,8 @@ class AdaptedAttention(nn.Module):
         b, t, _ = hidden.shape
         n = a.adaption_prompt.shape[1]
         _, k, v = base.c_attn(a.adaption_prompt).split(width, dim=2)
-        k = k.view(1, n, -1, hd).transpose(1, 2).expand(b, -1, -1, -1)
-        v = v.view(1, n, -1, hd).transpose(1, 2).expand(b, -1, -1, -1)
+        k = k.view(1, n, -1, hd).repeat(b, 1, 1, 1).transpose(1, 2)
+        v = v.view(1, n, -1, hd).repeat(b, 1, 1, 1).transpose(1, 2)
         q = base.c_attn(hidden).split(width, dim=2)[0].view(b, t, -1, hd).transpose(1, 2)
         return self._scores(a, q, k, v, dtype).to(dtype)
 
