@@ -221,8 +221,6 @@ class PeftModel(nn.Module):
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
             raise
-        if not is_trainable:
-            self.base_model.set_adapter(self.base_model.active_adapters)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
