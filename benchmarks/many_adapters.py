@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--peft", action="store_true", help="also run Hugging Face PEFT")
     ap.add_argument("--profile", action="store_true", help="profile the N-th load_adapter")
     args = ap.parse_args()
+    if args.n < 14:
+        ap.error("--n must be at least 14: the script times the first and the last 10 loads and deletes")
     torch.set_num_threads(2)
     from peftkit import LoraConfig, get_peft_model
 
