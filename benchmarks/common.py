@@ -130,3 +130,28 @@ def load_base(name: str):
     from peftkit.models import resolve
 
     return AutoModelForCausalLM.from_pretrained(resolve(None, log=lambda *_: None), dtype=torch.float32).eval()
+
+
+def batch_for(model, bsz: int, seq: int, seed: int = 0) -> dict:
+    """A seeded batch of random token ids (and a full attention mask) for ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (bsz, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def train_step(model, batch, optimizer=None) -> Callable[[], None]:
+    """One causal-LM training step: forward, backward and, given an optimizer, its step."""
+    def step():
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def print_peak_of(step: Callable[[], None], steps: int = 3) -> None:
+    """Reset VmHWM after set-up, run ``steps`` steps, print 'PEAK_MIB <n>' (see peak_rss_child)."""
+    reset_peak()
+    for _ in range(steps):
+        step()
+    print(f"PEAK_MIB {peak_mib():.0f}")

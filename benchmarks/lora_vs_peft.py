@@ -38,17 +38,6 @@ def wrap(lib: str, base, cfg: str, dropout: float):
     return L.get_peft_model(base, L.LoraConfig(lora_dropout=dropout, **CONFIGS[cfg]))
 
 
-def train_step_fn(model, batch, optimizer=None):
-    """One training step: forward, backward, and (for adapters) an AdamW step."""
-    def step():
-        out = model(**batch, labels=batch["input_ids"])
-        out.loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return step
-
-
 def lower_bound(base):
     """The frozen model with gradients flowing through activations only."""
     base.requires_grad_(False)
@@ -70,23 +59,13 @@ def make_variant(name: str, base, dropout: float):
     return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 
 
-def batch_for(model, bsz: int, seq: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (bsz, seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
 def memory_child(args) -> None:
     """In a fresh process: build one variant, reset VmHWM, run steps, print the peak."""
     torch.set_num_threads(args.threads)
     base = common.load_base(args.model)
     model, opt = make_variant(args.memory_child, base, args.dropout)
-    batch = batch_for(base, args.batch, args.seq)
-    step = train_step_fn(model, batch, opt)
-    common.reset_peak()
-    for _ in range(3):
-        step()
-    print(f"PEAK_MIB {common.peak_mib():.0f}")
+    batch = common.batch_for(base, args.batch, args.seq)
+    common.print_peak_of(common.train_step(model, batch, opt))
 
 
 def main() -> None:
@@ -106,7 +85,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = common.load_base(args.model)
-    batch = batch_for(base, args.batch, args.seq)
+    batch = common.batch_for(base, args.batch, args.seq)
     rows: list[tuple[str, str, str]] = []
     shares_all: list[float] = []
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
@@ -115,7 +94,7 @@ def main() -> None:
     if "train" not in args.skip:
         log("training step")
         built = {n: make_variant(n, copy.deepcopy(base), args.dropout) for n in variants}
-        fns = {n: train_step_fn(m, batch, o) for n, (m, o) in built.items()}
+        fns = {n: common.train_step(m, batch, o) for n, (m, o) in built.items()}
         for f in fns.values():  # warm-up
             f()
         times, shares = common.interleave(fns, args.rounds, "lower", log=log)
@@ -172,7 +151,7 @@ def main() -> None:
 
     if "generate" not in args.skip:
         log("generate 32 tokens, batch 1")
-        prompt = batch_for(base, 1, 16, seed=1)
+        prompt = common.batch_for(base, 1, 16, seed=1)
         def gen(m):
             def f():
                 with torch.no_grad():

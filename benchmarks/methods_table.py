@@ -27,6 +27,7 @@ import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 METHODS = {  # name -> (config expression, learning rate); "usual settings" for a ~135M Llama
     "lora_r8_qv": ("LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])", 2e-3),
@@ -90,22 +91,6 @@ def corpus_bleu(hyps: list[str], refs: list[list[str]], n: int = 4) -> float:
 
 
 # ----- one method, in its own process ----------------------------------------------------------
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def _build(name: str, base, steps: int):
     import peftkit
     from peftkit.methods.hybrids import mam_adapter
@@ -151,7 +136,7 @@ def worker(args) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=METHODS[args.worker][1], weight_decay=0.0)
         model.train()
-        _reset_peak()
+        common.reset_peak()
         times, cpu = [], CpuShare().start()
         for step in range(args.steps):
             b = batch_of(train[step * args.batch:(step + 1) * args.batch])
@@ -163,7 +148,7 @@ def worker(args) -> dict:
                 model.base_model.update_and_allocate(step)
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
-        out.update(peak_train_mib=_peak_rss_mib(), step_s=statistics.median(times[2:] or times),
+        out.update(peak_train_mib=common.peak_mib(), step_s=statistics.median(times[2:] or times),
                    final_loss=float(loss), train_cpu_others=cpu.stop())
         model.eval()
         with tempfile.TemporaryDirectory() as d:

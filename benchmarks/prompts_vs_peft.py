@@ -56,31 +56,12 @@ def make_variant(name: str, base):
     return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 
 
-def batch_for(model, bsz: int, seq: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (bsz, seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def step_fn(model, batch, opt):
-    def step():
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return step
-
-
 def memory_child(args) -> None:
     """In a fresh process: one variant, VmHWM reset after set-up, three steps, print the peak."""
     torch.set_num_threads(args.threads)
     base = common.load_base(args.model)
     model, opt = make_variant(args.memory_child, base)
-    step = step_fn(model, batch_for(base, args.batch, args.seq), opt)
-    common.reset_peak()
-    for _ in range(3):
-        step()
-    print(f"PEAK_MIB {common.peak_mib():.0f}")
+    common.print_peak_of(common.train_step(model, common.batch_for(base, args.batch, args.seq), opt))
 
 
 def main() -> None:
@@ -99,7 +80,7 @@ def main() -> None:
         return memory_child(args)
     torch.set_num_threads(args.threads)
     base = common.load_base(args.model)
-    batch = batch_for(base, args.batch, args.seq)
+    batch = common.batch_for(base, args.batch, args.seq)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     rows: list[tuple[str, str, str]] = []
     shares_all: list[float] = []
@@ -108,7 +89,7 @@ def main() -> None:
     if "train" not in args.skip:
         log("training step")
         built = {n: make_variant(n, copy.deepcopy(base)) for n in variants}
-        fns = {n: step_fn(m, batch, o) for n, (m, o) in built.items()}
+        fns = {n: common.train_step(m, batch, o) for n, (m, o) in built.items()}
         for f in fns.values():
             f()
         times, shares = common.interleave(fns, args.rounds, "lower", log=log)
@@ -137,7 +118,7 @@ def main() -> None:
 
     if "generate" not in args.skip:
         log("generate 32 tokens, batch 1")
-        prompt = batch_for(base, 1, 16, seed=1)
+        prompt = common.batch_for(base, 1, 16, seed=1)
         models = {"base": copy.deepcopy(base).eval()}
         for n in variants[1:]:
             lib, m = n.split("_")

@@ -88,7 +88,23 @@ def _param_dtype(module: nn.Module) -> Optional[torch.dtype]:
     return None
 
 
-class Site(nn.Module):
+class BaseLayerPassthrough(nn.Module):
+    """A wrapper whose unknown attributes are read from ``self.base_layer``.
+
+    Code that reads e.g. ``layer.weight`` or ``attn.num_heads`` keeps working after the layer
+    is wrapped (by a Site, or by a method's own wrapper).
+    """
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+
+class Site(BaseLayerPassthrough):
     """Wraps one targeted module and applies the active adapters' Deltas to its output."""
 
     def __init__(self, base_layer: nn.Module):
@@ -106,15 +122,6 @@ class Site(nn.Module):
         super().__setattr__(name, value)
         if name == "base_layer":  # a plain reference too: skips nn.Module's slow attribute path
             object.__setattr__(self, "_base", value)
-
-    # ----- attribute passthrough: code that reads e.g. `layer.weight` keeps working ------
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self._modules["base_layer"], name)
 
     # ----- adapter bookkeeping ------------------------------------------------------
     def add(self, name: str, delta: Delta) -> None:

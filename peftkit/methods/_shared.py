@@ -1,4 +1,4 @@
-"""Small helpers shared by the non-LoRA methods: layer shapes, target defaults, config checks.
+"""Small helpers shared by the layer methods (LoRA included): layer shapes, target defaults, config checks.
 
 Kept here so each method file holds only its own math. Nothing in this module names a method.
 """

@@ -41,6 +41,7 @@ from torch import nn
 from ..config import ConfigError, PeftConfig, PeftType
 from ..core.prompt import PromptMethod
 from ..core.registry import register_method
+from ..core.site import BaseLayerPassthrough
 from ..io.checkpoint import CheckpointError
 
 #: model_type -> (default attention module name, layout): the families whose attention math is known
@@ -91,7 +92,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class AdaptedAttention(nn.Module):
+class AdaptedAttention(BaseLayerPassthrough):
     """An attention module plus the gated prompt attention of the active adapters."""
 
     def __init__(self, base_layer: nn.Module, layout: str):
@@ -100,14 +101,6 @@ class AdaptedAttention(nn.Module):
         self.layout = layout
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self._modules["base_layer"], name)
 
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)

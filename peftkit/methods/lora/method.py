@@ -1,24 +1,18 @@
 """The LoRA Method: which Delta to build for each targeted module, and LoRA's bias option."""
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import torch
 from torch import nn
 
-from ...core.inject import linear_types
 from ...core.method import Method, UnsupportedSite
 from ...core.registry import register_method
-from ...targets import LORA_DEFAULT_TARGETS, default_targets
+from ...targets import LORA_DEFAULT_TARGETS
+from .._shared import adapter_dtype, is_conv1d_gpt2, with_default_targets
 from .config import LoraConfig
 from .delta import LoraConv, LoraEmbedding, LoraLinear
 from .init import initialise, plain_lora_state
-
-
-def is_conv1d_gpt2(module: nn.Module) -> bool:
-    """True for transformers' ``Conv1D`` (a linear layer storing its weight as in x out)."""
-    return type(module).__name__ == "Conv1D" and isinstance(module, linear_types())
 
 
 @register_method
@@ -29,9 +23,7 @@ class LoraMethod(Method):
     config_cls = LoraConfig
 
     def prepare(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
-        if config.target_modules is None:
-            config = dataclasses.replace(config, target_modules=default_targets(model, LORA_DEFAULT_TARGETS, "LoRA"))
-        return config
+        return with_default_targets(config, model, LORA_DEFAULT_TARGETS, "LoRA")
 
     def supported_sites(self):
         return ["nn.Linear", "transformers Conv1D", "nn.Embedding", "nn.Conv1d", "nn.Conv2d"]
@@ -59,7 +51,7 @@ class LoraMethod(Method):
             delta = LoraConv(module, **kw)
         else:
             raise UnsupportedSite(f"layer type {type(module).__name__} is not supported by LoRA.")
-        dtype = _adapter_dtype(module)
+        dtype = adapter_dtype(module)
         if dtype != torch.get_default_dtype():
             delta.to(dtype=dtype)
         initialise(delta, config.init_lora_weights, module)
@@ -99,11 +91,3 @@ def _in_module_copy(model: nn.Module, pname: str) -> bool:
         return False
     site = model.get_submodule(pname[: -len(".base_layer.bias")])
     return any(d.replaces_base for d in getattr(site, "deltas", {}).values())
-
-
-def _adapter_dtype(module: nn.Module) -> torch.dtype:
-    """Adapters train in fp32 over half-precision bases (as Hugging Face PEFT's autocast does)."""
-    w = getattr(module, "weight", None)
-    if w is None or w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point():
-        return torch.float32
-    return w.dtype
