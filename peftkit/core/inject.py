@@ -7,7 +7,8 @@ output head. ``exclude_modules`` uses the same rules. ``layers_to_transform`` ke
 inside the listed layer indices (found via ``layers_pattern`` or the first ``.<name>.<int>.``).
 
 Injection replaces a child with ``setattr`` on its parent and puts the original back on undo;
-nothing is monkeypatched.
+nothing is monkeypatched. Paths are always the original module names: inside a wrapped block
+they skip the Site (``mlp.up_proj``), as Hugging Face PEFT's files name them.
 """
 from __future__ import annotations
 
@@ -84,15 +85,25 @@ def matches_targets(config, path: str, module: nn.Module, model: nn.Module) -> b
 
 
 def iter_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` that never descends into a Site (targets are sites, not their parts)."""
+    """``named_modules`` under the names modules had before any wrapping, parents first.
+
+    A Site is yielded at its own path; then the inside of its base layer follows under the
+    original names (``mlp.up_proj``, not ``mlp.base_layer.up_proj``), so a method added after a
+    block-level adapter still reaches the layers inside the block. A Site's Deltas are never
+    candidates, nor is the inside of a ``modules_to_save`` copy (a Site whose Delta replaces the
+    base): the original there does not run while the copy is active.
+    """
     stack = [("", model)]
     while stack:
         prefix, mod = stack.pop()
         for name, child in reversed(list(mod.named_children())):
             path = f"{prefix}.{name}" if prefix else name
             yield path, child
-            if not isinstance(child, Site):
-                stack.append((path, child))
+            if isinstance(child, Site):
+                if any(d.replaces_base for d in child.deltas.values()):
+                    continue
+                child = child.base_layer
+            stack.append((path, child))
 
 
 def no_match_error(config, model: nn.Module) -> ValueError:
@@ -115,11 +126,16 @@ def no_match_error(config, model: nn.Module) -> ValueError:
 
 
 def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    """The parent module of ``path`` and the child's attribute name."""
-    if "." in path:
-        parent_path, child = path.rsplit(".", 1)
-        return model.get_submodule(parent_path), child
-    return model, path
+    """The parent module of ``path`` and the child's attribute name.
+
+    When the parent is itself wrapped in a Site (a layer inside an adapted block), the parent is
+    the Site's base layer, where the child really lives.
+    """
+    if "." not in path:
+        return model, path
+    parent_path, child = path.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)  # reads through Sites (BaseLayerPassthrough)
+    return (parent.base_layer if isinstance(parent, Site) else parent), child
 
 
 def attach(model: nn.Module, path: str, adapter_name: str, delta) -> Site:

@@ -109,12 +109,25 @@ class BottleneckConfig(PeftConfig):
 
 
 def block_dims(module: nn.Module) -> Optional[tuple[int, int]]:
-    """(input width, output width) of a linear layer or of a block of them (first in, last out)."""
+    """(input width, output width) of a linear layer or of a block of them (first in, last out).
+
+    Layers inside the block that already hold adapters count as their base layers; the
+    adapters' own linear layers are not part of the block.
+    """
+    inner = list(_linear_dims_in(module))
+    return (inner[0][0], inner[-1][1]) if inner else None
+
+
+def _linear_dims_in(module: nn.Module):
+    """linear_dims of every linear layer in ``module``, in definition order, skipping Deltas."""
+    if isinstance(module, Site):
+        module = module.base_layer
     dims = linear_dims(module)
     if dims is not None:
-        return dims[0], dims[1]
-    inner = [linear_dims(m) for m in module.modules() if linear_dims(m) is not None]
-    return (inner[0][0], inner[-1][1]) if inner else None
+        yield dims
+        return
+    for child in module.children():
+        yield from _linear_dims_in(child)
 
 
 class BottleneckDelta(Delta):
@@ -169,11 +182,6 @@ class BottleneckMethod(Method):
         dims = block_dims(module)
         if dims is None:
             raise UnsupportedSite(f"{type(module).__name__} has no linear layer to read its width from.")
-        if linear_dims(module) is None and any(isinstance(m, Site) for m in module.modules()):
-            raise UnsupportedSite(
-                f"{type(module).__name__} already holds adapters of another method inside it; a block-level "
-                "adapter would hide them from set_adapter/save. Add methods that target layers inside "
-                "the block to other layers, or put the parallel adapter on a linear layer.")
         d_in, d_out = dims
         parallel = config.adapter_type == "parallel"
         if not parallel and linear_dims(module) is None:

@@ -18,21 +18,37 @@ arXiv:2110.04366)::
     FFN:       y = FFN(x) + s * U σ(D x)        (parallel adapter, s = 4)
 
 UniPELT (Mao et al. 2022, arXiv:2110.07577) combines LoRA (on W_q, W_v), prefix tuning and a
-serial adapter after the feed-forward block. The paper also learns a sigmoid gate per module;
-those gates are not implemented here (the gated variants would be new math, not a composition),
-so :func:`unipelt` builds the ungated combination and says so in its docstring.
+serial adapter after the feed-forward block, each scaled by a learned per-token gate
+G_m = σ(W_G u) read from the submodule's input u (methods/gates.py)::
+
+    LoRA:    y = W0 x + G_L(x) * s B A x
+    adapter: h <- h + G_A(h) * U σ(D h)
+    prefix:  ungated here (see below)
+
+The LoRA and adapter gates are :class:`~peftkit.methods.gates.GatedDelta` wrappers around the
+ordinary Deltas (``HybridModel(..., gated=[...])``), so the gated parts are still plain LoRA and
+bottleneck adapters underneath. The prefix gate is not implemented: the paper scales the prefix
+keys/values P_k, P_v by G_P(x_i) for each query token x_i, so token i attends over a differently
+scaled prefix than token j. peftkit's prefix enters through the KV cache (virtual_tokens.py), one
+(B, heads, V, d_h) tensor per layer shared by every query position, which cannot hold a
+per-query factor; gating it would need a replacement attention forward per model family, which
+the prompt interface deliberately avoids. ``unipelt(..., gated=False)`` builds the ungated form.
 
 Saving writes one PEFT-format folder per part (``layers/<adapter>`` and ``prompts/``), so each
-part also loads alone in peftkit or, where PEFT has the method, in Hugging Face PEFT.
+part also loads alone in peftkit or, where PEFT has the method, in Hugging Face PEFT (a gated
+part then loads as its ungated adapter: PEFT has no gates). The gates themselves go to peftkit's
+own ``gates.safetensors`` beside those folders, keys ``<adapter>/<module path>.gate.weight``.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from torch import nn
 
 from ..config import PeftConfig
+
+GATES_FILE = "gates.safetensors"
 
 
 class HybridModel(nn.Module):
@@ -43,12 +59,16 @@ class HybridModel(nn.Module):
         layer_configs: adapter name -> config of a layer method; applied in this order.
         prompt_config: a prompt-method config (prefix tuning) or None.
         prompt_name: the prompt adapter's name.
+        gated: names of layer adapters whose update gets a learned per-token gate (UniPELT);
+            see methods/gates.py.
     """
 
     def __init__(self, model: nn.Module, layer_configs: dict[str, PeftConfig],
-                 prompt_config: Optional[PeftConfig] = None, prompt_name: str = "prefix"):
+                 prompt_config: Optional[PeftConfig] = None, prompt_name: str = "prefix",
+                 gated: Iterable[str] = ()):
         super().__init__()
         from ..model import get_peft_model
+        from .gates import add_gates
 
         if not layer_configs:
             raise ValueError("HybridModel needs at least one layer method in layer_configs; for a prompt "
@@ -56,9 +76,17 @@ class HybridModel(nn.Module):
         names = list(layer_configs)
         if prompt_name in names:
             raise ValueError(f"prompt_name {prompt_name!r} is also a layer adapter name; pick another.")
+        gated = list(gated)
+        unknown = [g for g in gated if g not in names]
+        if unknown:
+            raise ValueError(f"gated names {unknown} are not layer adapters of this hybrid ({names}); only "
+                             "layer methods can be gated (the prefix gate is not implemented, see hybrids.py).")
         self.layers = get_peft_model(model, layer_configs[names[0]], adapter_name=names[0])
         for name in names[1:]:
             self.layers.add_adapter(name, layer_configs[name])
+        for name in gated:
+            add_gates(self.layers, name)
+        self.gated = gated
         self.prompts = None
         if prompt_config is not None:
             self.prompts = get_peft_model(self.layers.get_base_model(), prompt_config, adapter_name=prompt_name)
@@ -98,17 +126,28 @@ class HybridModel(nn.Module):
         return t, a
 
     def save_pretrained(self, save_directory: str) -> None:
-        """``layers/<name>/`` per layer adapter and ``prompts/`` for the prompt, each in PEFT format."""
+        """``layers/<name>/`` per layer adapter and ``prompts/`` for the prompt, each in PEFT format;
+        the gates of gated adapters (no PEFT equivalent) in ``gates.safetensors``."""
+        from ..io.checkpoint import atomic_save_tensors
+        from .gates import gate_state_dict
+
         for name in self.layer_names:
             self.layers.save_pretrained(os.path.join(save_directory, "layers"), selected_adapters=[name])
         if self.prompts is not None:
             self.prompts.save_pretrained(os.path.join(save_directory, "prompts"), selected_adapters=[self.prompt_name])
+        gates = os.path.join(save_directory, GATES_FILE)
+        if self.gated:
+            tensors = {f"{name}/{k}": v for name in self.gated for k, v in gate_state_dict(self.layers, name).items()}
+            atomic_save_tensors(gates, tensors, {"format": "pt", "peftkit": "UniPELT gates"})
+        elif os.path.exists(gates):  # a stale file from an earlier gated save would gate this one on load
+            os.remove(gates)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False) -> "HybridModel":
         """Rebuild a saved hybrid on ``model`` (the same base it was trained on)."""
         from ..io.checkpoint import load_tensors
         from ..io.peft_format import apply_plan, load_plan
+        from .gates import load_gates
 
         layers = _adapter_folders(os.path.join(directory, "layers"))
         if not layers:
@@ -120,14 +159,39 @@ class HybridModel(nn.Module):
         configs = {n: PeftConfig.from_pretrained(f, inference_mode=not is_trainable) for n, f in layers.items()}
         prompt_name, prompt_folder = next(iter(prompts.items())) if prompts else ("prefix", None)
         prompt_cfg = PeftConfig.from_pretrained(prompt_folder, inference_mode=not is_trainable) if prompt_folder else None
-        hybrid = cls(model, configs, prompt_cfg, prompt_name=prompt_name)
+        gates = _read_gates(os.path.join(directory, GATES_FILE))
+        hybrid = cls(model, configs, prompt_cfg, prompt_name=prompt_name, gated=list(gates))
         for name, folder in layers.items():
             apply_plan(load_plan(hybrid.layers.base_model, name, load_tensors(folder), folder))
+        for name, tensors in gates.items():
+            load_gates(hybrid.layers, name, tensors, os.path.join(directory, GATES_FILE))
         if prompt_folder is not None:
             host = hybrid.prompts.base_model
             apply_plan(host.load_plan(prompt_name, load_tensors(prompt_folder), prompt_folder))
         hybrid.set_trainable()
         return hybrid
+
+
+def _read_gates(path: str) -> dict[str, dict]:
+    """Adapter name -> its gate tensors, from a hybrid's ``gates.safetensors`` (empty if none)."""
+    if not os.path.isfile(path):
+        return {}
+    from safetensors.torch import load_file
+
+    from ..io.checkpoint import CheckpointError
+
+    try:
+        flat = load_file(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); save the "
+                              "hybrid again.") from None
+    out: dict[str, dict] = {}
+    for key, value in flat.items():
+        name, sep, rest = key.partition("/")
+        if not sep:
+            raise CheckpointError(f"{path}: key {key!r} is not '<adapter>/<module path>.gate.<param>'.")
+        out.setdefault(name, {})[rest] = value
+    return out
 
 
 def _adapter_folders(folder: str) -> dict[str, str]:
@@ -154,12 +218,18 @@ def mam_adapter(model: nn.Module, num_virtual_tokens: int = 30, bottleneck_size:
 
 
 def unipelt(model: nn.Module, lora_r: int = 8, lora_alpha: int = 16, lora_targets: Optional[list[str]] = None,
-            num_virtual_tokens: int = 10, reduction_factor: int = 16, task_type: str = "CAUSAL_LM") -> HybridModel:
-    """UniPELT without its learned gates: LoRA (q, v) + prefix tuning + a serial FFN adapter."""
+            num_virtual_tokens: int = 10, reduction_factor: int = 16, task_type: str = "CAUSAL_LM",
+            gated: bool = True) -> HybridModel:
+    """UniPELT: gated LoRA (q, v) + prefix tuning + a gated serial adapter after the FFN block.
+
+    ``gated=False`` builds the ungated combination (then the LoRA part can be merged). The
+    prefix is never gated (see the module docstring for why).
+    """
     from .bottleneck import BottleneckConfig
     from .lora import LoraConfig
     from .prefix_tuning import PrefixTuningConfig
 
     layers = {"lora": LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=lora_targets, task_type=task_type),
               "adapter": BottleneckConfig(adapter_type="pfeiffer", reduction_factor=reduction_factor, task_type=task_type)}
-    return HybridModel(model, layers, PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type=task_type))
+    return HybridModel(model, layers, PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type=task_type),
+                       gated=list(layers) if gated else ())
