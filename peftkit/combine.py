@@ -148,7 +148,7 @@ def _svd_combined(kind, parts, rank, density, sign_method, generator, clamp, ful
 def _factor_params(delta):
     if hasattr(delta, "lora_embedding_A"):
         return delta.lora_embedding_A, delta.lora_embedding_B
-    return delta.lora_A.weight, delta.lora_B.weight
+    return delta.lora_A, delta.lora_B
 
 
 # ----- the public entry point -----------------------------------------------------------------

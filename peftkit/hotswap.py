@@ -41,8 +41,8 @@ from .io.checkpoint import CheckpointError, load_tensors
 from .io.peft_format import PREFIX
 
 # local parameter name -> the dimension that holds the rank
-_RANK_DIM = {"lora_A.weight": 0, "lora_embedding_A": 0, "lora_B.weight": 1, "lora_embedding_B": 1}
-_B_NAMES = ("lora_B.weight", "lora_embedding_B")
+_RANK_DIM = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
+_B_NAMES = ("lora_B", "lora_embedding_B")
 
 
 def _is_lora(delta) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import PeftConfig, TaskType
 from .core.host import AdapterHost
+from .core.method import weights_from_checkpoint
 from .core.prompt import PromptHost, is_prompt_config
 from .core.site import BASE, adapter_routing
 from .io.checkpoint import WEIGHTS_NAME, atomic_save_tensors, load_tensors
@@ -215,7 +216,8 @@ class PeftModel(nn.Module):
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else model_id
         tensors = load_tensors(folder)
-        self.add_adapter(adapter_name, config)
+        with weights_from_checkpoint():
+            self.add_adapter(adapter_name, config)
         try:
             apply_plan(_plan(self.base_model, adapter_name, tensors, folder))
         except BaseException:
@@ -233,7 +235,8 @@ class PeftModel(nn.Module):
         tensors = load_tensors(folder)  # read before touching the model
         if cls is PeftModel and config.task_type in TASK_CLASSES:
             cls = TASK_CLASSES[config.task_type]
-        peft_model = cls(model, config, adapter_name)
+        with weights_from_checkpoint():
+            peft_model = cls(model, config, adapter_name)
         try:
             apply_plan(_plan(peft_model.base_model, adapter_name, tensors, folder))
         except BaseException:

@@ -109,7 +109,7 @@ def _factors(model, name, peft_side):
         for path, site in sites(model.base_model.model):
             if name in site.deltas:
                 d = site.deltas[name]
-                out[path] = (d.lora_A.weight, d.lora_B.weight)
+                out[path] = (d.lora_A, d.lora_B)
     return out
 
 

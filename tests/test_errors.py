@@ -203,7 +203,7 @@ def test_mergeable_unmerge_of_merged_adapter_on_delete():
 def test_wrapped_model_moves_with_to_and_files_are_readable(tmp_path):
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     model.to("cpu").to(torch.float64).to(torch.float32)  # nn.Module._apply must not be shadowed
-    assert model.get_base_model().model.layers[0].self_attn.q_proj.deltas["default"].lora_A.weight.dtype == torch.float32
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.deltas["default"].lora_A.dtype == torch.float32
     model.save_pretrained(str(tmp_path))
     umask = os.umask(0)
     os.umask(umask)

@@ -204,12 +204,12 @@ def test_pissa_and_olora_start_at_base_and_convert_to_plain_lora():
         torch.testing.assert_close(output_of(model, batch), ref, atol=1e-4, rtol=1e-4)
         site = model.base_model.model.model.layers[0].self_attn.q_proj
         d = site.deltas["default"]
-        a0, b0 = d.lora_A.weight.detach().clone(), d.lora_B.weight.detach().clone()
+        a0, b0 = d.lora_A.detach().clone(), d.lora_B.detach().clone()
         with torch.no_grad():
-            d.lora_A.weight.add_(0.05)
-        a, b = to_plain_lora(d.lora_A.weight, d.lora_B.weight, a0, b0)
+            d.lora_A.add_(0.05)
+        a, b = to_plain_lora(d.lora_A, d.lora_B, a0, b0)
         # plain LoRA of rank 2r over the ORIGINAL weight reproduces the trained PiSSA layer
-        trained = site.base_layer.weight + d.scaling * d.lora_B.weight @ d.lora_A.weight
+        trained = site.base_layer.weight + d.scaling * d.lora_B @ d.lora_A
         torch.testing.assert_close(orig_w + d.scaling * b @ a, trained, atol=1e-4, rtol=1e-4)
 
 

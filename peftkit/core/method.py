@@ -11,7 +11,9 @@ Delta it builds for each, and how its parameter names map to Hugging Face PEFT's
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterable, Optional
+import contextlib
+import contextvars
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -19,6 +21,31 @@ from torch import nn
 
 class UnsupportedSite(TypeError):
     """Raised when a method is asked to adapt a module type it has no math for."""
+
+
+_FROM_CHECKPOINT = contextvars.ContextVar("peftkit_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Within this block, new Deltas are about to be overwritten by a checkpoint.
+
+    Methods may then skip random initialisation (``Method.make_delta`` asks
+    :func:`init_skipped`). Initialisations that change the *base* model (PiSSA, OLoRA) must still
+    run, since the saved adapter only fits the base they leave behind. The loader checks that every
+    tensor of the new adapter is in the file, so nothing uninitialised survives a successful load,
+    and a failed load deletes the adapter.
+    """
+    token = _FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _FROM_CHECKPOINT.reset(token)
+
+
+def init_skipped() -> bool:
+    """True inside :func:`weights_from_checkpoint`: random initialisation would be overwritten."""
+    return _FROM_CHECKPOINT.get()
 
 
 class Delta(nn.Module):

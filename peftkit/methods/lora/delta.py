@@ -170,21 +170,28 @@ class LoraDelta(Delta):
 
 
 class LoraLinear(LoraDelta):
-    """LoRA on ``nn.Linear`` (and on GPT-2's ``Conv1D`` with ``fan_in_fan_out``)."""
+    """LoRA on ``nn.Linear`` (and on GPT-2's ``Conv1D`` with ``fan_in_fan_out``).
 
-    peft_names = {**LoraDelta.peft_names}
+    ``lora_A`` (r x in) and ``lora_B`` (out x r) are bare parameters of this one module, not two
+    ``nn.Linear`` children: a site then costs one Python module instead of three, which is what
+    bounds the memory and load time of hundreds of adapters. On disk they keep PEFT's
+    ``lora_A.weight``/``lora_B.weight`` names.
+    """
+
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", **LoraDelta.peft_names}
 
     def __init__(self, in_features: int, out_features: int, fan_in_fan_out: bool = False, **kw):
         super().__init__(**kw)
         self.fan_in_fan_out = fan_in_fan_out
-        self.lora_A = nn.Linear(in_features, self.r, bias=False)
-        self.lora_B = nn.Linear(self.r, out_features, bias=False)
+        # uninitialised: init.initialise() fills them, or a checkpoint load overwrites them
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r))
 
     def lora(self, x):
-        return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     def factors(self):
-        return self.lora_A.weight, self.lora_B.weight
+        return self.lora_A, self.lora_B
 
     def weight_2d(self, base):
         w = dequantize(base)  # the dense weight behind a quantised base (DoRA's norms); else base.weight
@@ -229,21 +236,25 @@ class LoraEmbedding(LoraDelta):
 
 
 class LoraConv(LoraDelta):
-    """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A is a conv with the base kernel, B a 1x1 conv."""
+    """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A is a conv with the base kernel, B a 1x1 conv.
 
-    peft_names = {**LoraDelta.peft_names}
+    Both kernels are bare parameters (``lora_A``: r x in x k..., ``lora_B``: out x r x 1...),
+    saved under PEFT's ``lora_A.weight``/``lora_B.weight``.
+    """
+
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", **LoraDelta.peft_names}
     channel_dim = 1
 
     def __init__(self, base: nn.Module, **kw):
         super().__init__(**kw)
-        conv = type(base)
         ones = (1,) * (base.weight.dim() - 2)
-        self.lora_A = conv(base.in_channels, self.r, base.kernel_size, base.stride, base.padding,
-                           dilation=base.dilation, bias=False)
-        self.lora_B = conv(self.r, base.out_channels, ones, ones, bias=False)
+        self._conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+        self._conv_kw = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+        self.lora_A = nn.Parameter(torch.empty(self.r, base.in_channels, *base.kernel_size))
+        self.lora_B = nn.Parameter(torch.empty(base.out_channels, self.r, *ones))
 
     def lora(self, x):
-        return self.lora_B(self.lora_A(x))
+        return self._conv(self._conv(x, self.lora_A, **self._conv_kw), self.lora_B)
 
     def init_magnitude(self, base):
         """DoRA on convolutions keeps Hugging Face PEFT's magnitude shape (1, out, 1, ...)."""
@@ -252,7 +263,7 @@ class LoraConv(LoraDelta):
         self.magnitude = nn.Parameter(self.magnitude.detach().reshape(shape))
 
     def factors(self):
-        return self.lora_A.weight.reshape(self.r, -1), self.lora_B.weight.reshape(-1, self.r)
+        return self.lora_A.reshape(self.r, -1), self.lora_B.reshape(-1, self.r)
 
     def base_no_bias(self, x, base):
         return base._conv_forward(x, base.weight.to(x.dtype), None)

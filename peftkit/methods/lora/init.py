@@ -19,10 +19,19 @@ import math
 import torch
 from torch import nn
 
+from ...core.method import init_skipped
+
 
 @torch.no_grad()
 def initialise(delta, init, base: nn.Module) -> None:
-    """Initialise ``delta``'s factors in place according to ``init`` (see module docstring)."""
+    """Initialise ``delta``'s factors in place according to ``init`` (see module docstring).
+
+    While a checkpoint is being loaded (:func:`~peftkit.core.method.init_skipped`), the random
+    schemes are skipped: the file overwrites them. PiSSA/OLoRA still run, because they also
+    rewrite the base weight that the saved adapter was trained on top of.
+    """
+    if init_skipped() and not (isinstance(init, str) and (init.startswith("pissa") or init == "olora")):
+        return
     a, b = delta.factors()
     if init is False:
         if hasattr(delta, "lora_embedding_A"):
@@ -37,11 +46,11 @@ def initialise(delta, init, base: nn.Module) -> None:
         b.normal_()
         return
     if init is True:
-        nn.init.kaiming_uniform_(delta.lora_A.weight, a=math.sqrt(5))
-        delta.lora_B.weight.zero_()
+        nn.init.kaiming_uniform_(delta.lora_A, a=math.sqrt(5))
+        delta.lora_B.zero_()
     elif init == "gaussian":
-        nn.init.normal_(delta.lora_A.weight, std=1 / delta.r)
-        delta.lora_B.weight.zero_()
+        nn.init.normal_(delta.lora_A, std=1 / delta.r)
+        delta.lora_B.zero_()
     elif isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
         _principal_init(delta, init, base)
     else:
@@ -71,8 +80,8 @@ def _principal_init(delta, init: str, base: nn.Module) -> None:
             vh = v.T
         root = torch.sqrt(sv / s)
         b, a = u * root, root[:, None] * vh
-    delta.lora_A.weight.copy_(a.contiguous())
-    delta.lora_B.weight.copy_(b.contiguous())
+    delta.lora_A.copy_(a.contiguous())
+    delta.lora_B.copy_(b.contiguous())
     residual = (w - s * b @ a).to(dtype)
     base.weight.data.copy_(delta.from_2d(residual, base))
 

@@ -45,7 +45,7 @@ def _gather(deltas, rows, x: torch.Tensor):
     rmax = max(d.r for d in deltas)
     a_rows, b_rows, scales = [], [], []
     for d, idx in zip(deltas, rows):
-        a, b = d.lora_A.weight, d.lora_B.weight
+        a, b = d.lora_A, d.lora_B
         if d.r < rmax:
             a = F.pad(a, (0, 0, 0, rmax - d.r))
             b = F.pad(b, (0, rmax - d.r))
