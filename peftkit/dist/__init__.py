@@ -1,5 +1,7 @@
 """Adapter training past one process: FSDP2 per-block sharding and DDP, with full-adapter saves.
 
+DeepSpeed ZeRO-2/3 helpers live in :mod:`peftkit.dist.deepspeed` (imported on demand: deepspeed is optional).
+
 See docs/scale.md for launching with ``torchrun`` on one or several machines.
 """
 from .ddp import unwrap, wrap_ddp

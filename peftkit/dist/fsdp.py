@@ -99,6 +99,19 @@ def gather_adapter_state(model: nn.Module, adapter_name: str = "default") -> dic
     return {k: _full(v).detach().cpu() for k, v in model.get_adapter_state_dict(adapter_name).items()}
 
 
+def write_adapter(model: nn.Module, save_directory: str, tensors: dict[str, torch.Tensor],
+                  adapter_name: str = "default") -> None:
+    """Write gathered adapter ``tensors`` with ``model``'s config in ``save_pretrained``'s layout (one process)."""
+    folder = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+    cfg = model.peft_config[adapter_name]
+    inner = getattr(model.base_model, "model", None)
+    base = getattr(getattr(inner, "config", None), "_name_or_path", None)
+    cfg = dataclasses.replace(cfg, inference_mode=True,
+                              base_model_name_or_path=cfg.base_model_name_or_path or base or None)
+    atomic_save_tensors(os.path.join(folder, WEIGHTS_NAME), tensors)
+    cfg.save_pretrained(folder)
+
+
 def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "default") -> None:
     """Gather adapter ``adapter_name`` in full and write it once, from rank 0 (all ranks call this).
 
@@ -108,13 +121,6 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "def
     tensors = gather_adapter_state(model, adapter_name)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        folder = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
-        cfg = model.peft_config[adapter_name]
-        inner = getattr(model.base_model, "model", None)
-        base = getattr(getattr(inner, "config", None), "_name_or_path", None)
-        cfg = dataclasses.replace(cfg, inference_mode=True,
-                                  base_model_name_or_path=cfg.base_model_name_or_path or base or None)
-        atomic_save_tensors(os.path.join(folder, WEIGHTS_NAME), tensors)
-        cfg.save_pretrained(folder)
+        write_adapter(model, save_directory, tensors, adapter_name)
     if dist.is_initialized():
         dist.barrier()  # nobody reads the folder before it is complete

@@ -22,7 +22,7 @@ from ..io.checkpoint import atomic_write_text
 from . import data as D
 from . import evaluate as E
 from . import task as T
-from .options import add_train_arguments, method_config, parse_train_args
+from .options import add_train_arguments, deepspeed_config, method_config, parse_train_args
 
 META_NAME = "peftkit.json"
 
@@ -196,7 +196,7 @@ def run(args) -> int:
         eval_steps=args.eval_every or None, report_to="none", use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None, remove_unused_columns=False,
         label_names=["labels"], dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True,
-        ddp_find_unused_parameters=False, save_only_model=False,
+        ddp_find_unused_parameters=False, save_only_model=False, deepspeed=deepspeed_config(args),
     )
     set_threads(args.threads)  # accelerate resets the thread count when it starts a process group
     trainer = make_trainer(peft_model, targs, train_set, eval_set, D.Collator(tokenizer.pad_token_id),

@@ -44,6 +44,23 @@ class AdapterTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Under DeepSpeed every rank gathers the adapter (ZeRO-3 partitions it) and rank 0 writes it."""
+        if not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        from ..dist.deepspeed import save_adapter
+
+        save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+
+    def train(self, *args, **kwargs):
+        """Trainer.train; afterwards a ZeRO-3 model is made whole again on every rank (see ``unshard``)."""
+        result = super().train(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            from ..dist.deepspeed import unshard
+
+            unshard(self.model_wrapped)
+        return result
+
 
 class LossBar(ProgressCallback):
     """Trainer's tqdm bar with the latest loss and learning rate as its postfix."""

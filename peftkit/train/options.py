@@ -60,6 +60,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
     t.add_argument("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --output "
                                                                  "(or the checkpoint folder given)")
+    t.add_argument("--deepspeed", metavar="DS_CONFIG.json",
+                   help="train with DeepSpeed ZeRO (stage 2 or 3) from this JSON config; launch with torchrun")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--log-every", type=int, default=5, help="log the training loss every N steps")
     t.add_argument("--threads", type=int, help="CPU threads per process (default: cores / local ranks)")
@@ -149,3 +151,12 @@ def method_config(args: argparse.Namespace, task_type: str):
     kwargs["task_type"] = task_type
     cfg = cls.from_dict(kwargs, source=f"--method {args.method}") if hasattr(cls, "from_dict") else cls(**kwargs)
     return cfg
+
+
+def deepspeed_config(args: argparse.Namespace):
+    """``--deepspeed``'s config, checked and made runnable here (None without the option)."""
+    if not getattr(args, "deepspeed", None):
+        return None
+    from ..dist.deepspeed import load_config
+
+    return load_config(args.deepspeed)
