@@ -289,3 +289,15 @@ def test_lora_inside_a_parallel_adapters_block(parallel_first, tmp_path):
     assert restored.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in restored.state_dict().items())
     assert torch.equal(output_of(restored, batch), ref)
+
+
+def test_gated_unipelt_on_a_bfloat16_base():
+    """Adapters and gates stay float32 on a bf16 base; the serial adapter reads the bf16 output."""
+    base = tiny_llama().to(torch.bfloat16)
+    batch = inputs_for(base)
+    model = unipelt(base, lora_r=2, num_virtual_tokens=2, reduction_factor=8)
+    perturb(_trainable(model), 9)
+    out = model(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in _gates(model))

@@ -152,7 +152,9 @@ class BottleneckDelta(Delta):
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"a bottleneck adapter needs a layer that returns one tensor; {type(base).__name__} "
                             f"returned {type(y).__name__}. Target its output projection instead.")
-        h = self.adapter_norm(x if self.parallel else y)
+        h = x if self.parallel else y
+        # The Site casts x to the adapter's dtype but hands over y as the base made it (bf16 ...)
+        h = self.adapter_norm(h.to(self.adapter_down.weight.dtype))
         h = self.adapter_up(self.adapter_dropout(self.adapter_act(self.adapter_down(h))))
         return y + self.scaling * h
 

@@ -187,7 +187,7 @@ def _read_gates(path: str) -> dict[str, dict]:
                               "hybrid again.") from None
     out: dict[str, dict] = {}
     for key, value in flat.items():
-        name, sep, rest = key.partition("/")
+        name, sep, rest = key.rpartition("/")  # module paths hold no "/", adapter names might
         if not sep:
             raise CheckpointError(f"{path}: key {key!r} is not '<adapter>/<module path>.gate.<param>'.")
         out.setdefault(name, {})[rest] = value
