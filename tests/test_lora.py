@@ -264,3 +264,34 @@ def test_set_adapter_cost_does_not_touch_other_adapters():
     assert len(touched) == 2 * per_adapter  # the old active adapter off, the new one on
     trainable = {n.split(".deltas.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"x3"}
+
+
+def test_loaded_parameters_own_their_storage_and_train(tmp_path):
+    """Loading skips random init and adopts the file's tensors; nothing may stay a placeholder."""
+    from conftest import tiny_llama
+    from peftkit.core.method import is_placeholder
+
+    base = TinyConvNet().eval()
+    ids = torch.randint(0, 128, (3, 10))
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["emb", "conv1", "head"],
+                                                           use_dora=True, init_lora_weights=False))
+    saved = model.eval()(ids)
+    model.save_pretrained(str(tmp_path / "conv"))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "conv"), is_trainable=True)
+    params = [p for p in loaded.parameters() if p.requires_grad]
+    assert params and not any(is_placeholder(p) for p in loaded.parameters())
+    torch.testing.assert_close(loaded.eval()(ids), saved)
+    loaded.train()
+    opt = torch.optim.SGD(params, lr=0.1)
+    loaded(ids).float().pow(2).mean().backward()
+    opt.step()
+    assert not torch.allclose(loaded.eval()(ids), saved)
+    # PiSSA rewrites the base when built, so it must still run while loading its own file
+    batch = inputs_for(tiny_llama())
+    pissa = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with torch.no_grad():
+        pissa.base_model.model.model.layers[0].self_attn.q_proj.deltas["default"].lora_B.add_(0.05)
+    want = output_of(pissa.eval(), batch)
+    pissa.save_pretrained(str(tmp_path / "pissa"))
+    again = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "pissa"))
+    torch.testing.assert_close(output_of(again, batch), want, atol=1e-5, rtol=1e-5)

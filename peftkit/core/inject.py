@@ -100,7 +100,7 @@ def iter_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             path = f"{prefix}.{name}" if prefix else name
             yield path, child
             if isinstance(child, Site):
-                if any(d.replaces_base for d in child.deltas.values()):
+                if child.copies:  # a modules_to_save copy: the original inside does not run
                     continue
                 child = child.base_layer
             stack.append((path, child))

@@ -48,6 +48,25 @@ def init_skipped() -> bool:
     return _FROM_CHECKPOINT.get()
 
 
+def new_weight(*shape: int) -> torch.Tensor:
+    """Storage for a new adapter parameter of ``shape`` (default dtype, uninitialised).
+
+    Inside :func:`weights_from_checkpoint` nothing is allocated: the result is a one-element
+    tensor expanded to ``shape`` (a placeholder), and the loader makes the file's own tensor the
+    parameter's storage (:func:`is_placeholder`), so loading an adapter costs one allocation per
+    tensor and no copy. Code that must write into such a parameter before loading (PiSSA) gives
+    it real storage first.
+    """
+    if _FROM_CHECKPOINT.get():
+        return torch.empty(1).expand(*shape)
+    return torch.empty(*shape)
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a :func:`new_weight` placeholder (fewer stored elements than it shows)."""
+    return t.numel() > 1 and t.untyped_storage().nbytes() < t.numel() * t.element_size()
+
+
 class Delta(nn.Module):
     """One adapter of one method at one site.
 

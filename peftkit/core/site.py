@@ -117,6 +117,9 @@ class Site(BaseLayerPassthrough):
         self._run: list[tuple[Delta, Optional[torch.dtype]]] = []
         self._pre: list[tuple[Delta, Optional[torch.dtype]]] = []
         self._replace: Optional[Delta] = None
+        #: how many Deltas here are full copies (``modules_to_save``); kept so that walking the
+        #: model does not scan every adapter of every site
+        self.copies = 0
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -129,12 +132,14 @@ class Site(BaseLayerPassthrough):
         if name in self.deltas:
             raise ValueError(f"adapter {name!r} already exists at this site")
         self.deltas[name] = delta
+        self.copies += bool(delta.replaces_base)
         self._refresh()
 
     def remove(self, name: str) -> None:
         """Detach adapter ``name`` (unmerging it first if it is merged)."""
         if name in self.merged:
             self.unmerge(until=name)
+        self.copies -= bool(self.deltas[name].replaces_base)
         del self.deltas[name]
         self.active = [a for a in self.active if a != name]
         self._refresh()

@@ -62,11 +62,11 @@ def load_tensors(folder: str) -> dict[str, torch.Tensor]:
     """Read the adapter weights in ``folder`` (safetensors, else a weights-only .bin)."""
     st = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(st):
-        from safetensors.torch import load
+        from safetensors import safe_open
 
-        try:
-            with open(st, "rb") as fh:
-                return load(fh.read())
+        try:  # one owned, writable tensor per key (a loader may adopt it as a parameter's storage)
+            with safe_open(st, framework="pt") as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as e:
             raise CheckpointError(
                 f"{st} is not a readable safetensors file ({type(e).__name__}: {e}). It may be "

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from ..core.inject import sites
+from ..core.method import is_placeholder
 from ..core.registry import get_method
 from .checkpoint import CheckpointError
 
@@ -108,6 +109,14 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
 
 @torch.no_grad()
 def apply_plan(plan) -> None:
-    """Copy each value into its destination tensor (casting dtype and device)."""
+    """Copy each value into its destination tensor (casting dtype and device).
+
+    A destination that is still a placeholder (:func:`~peftkit.core.method.is_placeholder`, a
+    parameter created while loading) takes the value itself as its storage: no copy.
+    """
     for dest, value in plan:
-        dest.data.copy_(value.to(device=dest.device, dtype=dest.dtype))
+        value = value.to(device=dest.device, dtype=dest.dtype)
+        if is_placeholder(dest):
+            dest.data = value.contiguous()
+        else:
+            dest.data.copy_(value)

@@ -80,8 +80,8 @@ def _principal_init(delta, init: str, base: nn.Module) -> None:
             vh = v.T
         root = torch.sqrt(sv / s)
         b, a = u * root, root[:, None] * vh
-    delta.lora_A.copy_(a.contiguous())
-    delta.lora_B.copy_(b.contiguous())
+    delta.lora_A.data = a.to(dtype=delta.lora_A.dtype, memory_format=torch.contiguous_format, copy=True)  # own storage (was maybe a placeholder)
+    delta.lora_B.data = b.to(dtype=delta.lora_B.dtype, memory_format=torch.contiguous_format, copy=True)
     residual = (w - s * b @ a).to(dtype)
     base.weight.data.copy_(delta.from_2d(residual, base))
 
