@@ -127,6 +127,8 @@ def test_config_is_completed_and_cpu_traps_are_refused(tmp_path):
         load_config({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}})
     with pytest.raises(ConfigError, match="stage must be"):
         load_config({"zero_optimization": {"stage": 4}})
+    with pytest.raises(ConfigError, match="must be an object"):
+        load_config({"zero_optimization": 3})
     with pytest.raises(ConfigError, match="no such file"):
         load_config(str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"

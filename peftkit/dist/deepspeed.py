@@ -90,8 +90,10 @@ def load_config(source: Union[str, dict]) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{where}: expected a JSON object such as {{\"zero_optimization\": {{\"stage\": 2}}}}.")
     zero = cfg.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization must be an object such as {{\"stage\": 3}}, got {zero!r}.")
     stage = zero.setdefault("stage", 0)
-    if not isinstance(zero, dict) or stage not in (0, 1, 2, 3):
+    if type(stage) is not int or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
     for key in AUTO_KEYS:
         cfg.setdefault(key, "auto")
@@ -112,6 +114,8 @@ def _check_cpu(cfg: dict, zero: dict, where: str) -> None:
             raise ConfigError(f"{where}: zero_optimization.{key}.device={device!r} offloads to the CPU, but this "
                               "machine has no GPU: everything is on the CPU already. Remove the offload section.")
     opt = cfg.get("optimizer")
+    if opt is not None and not isinstance(opt, dict):
+        raise ConfigError(f"{where}: the optimizer section must be an object, got {opt!r}.")
     if opt is not None:
         name = str(opt.get("type", "")).lower()
         torch_adam = name in ("adam", "adamw") and (opt.get("params") or {}).get("torch_adam", False)
@@ -119,9 +123,8 @@ def _check_cpu(cfg: dict, zero: dict, where: str) -> None:
             raise ConfigError(f"{where}: the optimizer section ({opt.get('type')!r}) makes DeepSpeed build a C++ "
                               "optimizer op on this CPU-only machine. Remove the section (the Trainer then uses "
                               "torch AdamW with --lr and --weight-decay) or set \"params\": {\"torch_adam\": true}.")
-    for key in ("fp16",):
-        if (cfg.get(key) or {}).get("enabled") in (True, "true"):
-            raise ConfigError(f"{where}: fp16 needs a GPU; on CPU remove it (or use bf16 with --dtype bfloat16).")
+    if (cfg.get("fp16") or {}).get("enabled") in (True, "true"):
+        raise ConfigError(f"{where}: fp16 needs a GPU; on CPU remove the fp16 section.")
 
 
 def _is_zero3_param(p: torch.Tensor) -> bool:
