@@ -1,25 +1,45 @@
-"""Predict the peak memory of a training step before loading anything.
+"""Predict the peak memory of training before loading anything.
 
-``estimate_memory(model_or_config, method, batch_shape)`` adds up:
+``estimate_memory(model_or_config, method, batch_shape)`` returns the parts of a training
+step's peak resident memory (:attr:`MemoryEstimate.step_peak` is their sum), the peak while the
+model is loaded (:attr:`MemoryEstimate.load_peak`), and :attr:`MemoryEstimate.total`, the higher
+of the two. The parts:
 
 * **runtime**: the process before the model's tensors exist (Python, torch, transformers, the
-  modeling code), measured as this process's resident memory right after the meta-device run
-  below, which imports and initialises all of it (pass ``runtime_bytes`` to override);
+  modeling code, and bitsandbytes' native library when quantising), measured as this process's
+  resident memory right after the meta-device run below, which imports and initialises all of it
+  (pass ``runtime_bytes`` to override);
 * **weights**: the base model's parameters and buffers in ``dtype`` (ties counted once); with
   ``quantize``, each quantised ``nn.Linear`` at its packed size (4-bit: ``in*out/2`` bytes plus one
   block scale per 64 weights, itself 8-bit with double quantisation; 8-bit: ``in*out`` plus one
-  fp32 scale per row);
-* **adapter**, **gradients**, **optimizer**: the trainable parameters (fp32), their gradients,
-  and AdamW's two moments (SGD: none);
-* **activations**: every tensor autograd saves for backward, found by running the real forward on
-  the ``meta`` device (no memory, no compute) under ``saved_tensors_hooks`` and summing distinct
-  storages; plus the largest transient of backward, the gradient of the logits and of their
-  fp32 log-softmax (``2 * batch * seq * vocab * 4`` bytes).
+  fp32 scale per row); the output head and embeddings stay in ``dtype``;
+* **adapter**, **gradients**: the trainable parameters and their gradients (fp32);
+* **optimizer**: the optimizer's state for them, per ``peftkit train --optim`` choice
+  (:func:`peftkit.train.optim.state_bytes`: AdamW 8 bytes per parameter, 8-bit AdamW 2 bytes
+  plus an fp32 scale per 256 values for tensors of 4096 values or more);
+* **activations**: the highest sum of live tensors during forward and backward, minus the
+  gradients. The real model and method run forward *and backward* on the ``meta`` device (no
+  memory, no compute) under a dispatch mode that records each new storage and its release, so
+  saved activations, the logits and their gradients, attention and every other temporary are
+  counted when they coexist, each at glibc's chunk size (16-byte header, 64-byte alignment, whole
+  pages from 128 KiB). Attention is routed to the fused CPU kernel, which saves what a CPU run
+  saves. Quantised layers stay dense on ``meta``, but every op that computes from a quantised
+  weight also allocates what bitsandbytes' CPU path allocates around it: the dequantised fp32
+  weight (``4*in*out`` bytes) and its fp32 block scales, freed once the op's output exists (in
+  forward, and again in backward for the input's gradient).
 
-The model on ``meta`` is built from its config, so any architecture and any registered method
-(LoRA, prefix tuning, IA3...) is measured by the same code that trains it. Quantised layers are
-kept dense on ``meta`` for the forward (they save the same activations: their input).
-Accuracy against measured peaks is in docs/scale.md.
+Load: the checkpoint is memory-mapped and read page by page, so its file size becomes resident;
+a copy in another dtype adds the converted weights; quantising adds the packed weights and,
+for the layer being quantised, its fp32 copy and two fp32 temporaries of the quantiser (12 bytes
+per weight of the largest layer). For a QLoRA run with a small batch this load peak is the
+run's peak.
+
+Not modelled: the allocator's fragmentation. glibc raises its mmap threshold to the size of
+each freed temporary up to 32 MiB, after which activations live on the heap, whose free holes
+stay resident; with bitsandbytes' per-layer dequantised weights among the activations, the
+measured QLoRA peak on SmolLM2 is ~300 MB above the live bytes (it drops to within 5% of this
+estimate with ``MALLOC_MMAP_THRESHOLD_=131072``, which fixes the threshold). Measured accuracy
+is in docs/scale.md and benchmarks/estimate_vs_measured.py.
 """
 from __future__ import annotations
 
@@ -27,12 +47,15 @@ import argparse
 import dataclasses
 import json
 import os
+import weakref
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _MIB = 1 << 20
 
@@ -48,17 +71,29 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     trainable_params: int
+    #: bytes autograd saves for backward (part of ``activations``; not added again)
+    saved: int = 0
+    #: predicted peak while loading (and quantising) the model, before training starts
+    load_peak: int = 0
+
+    _PARTS = ("runtime", "weights", "adapter", "gradients", "optimizer", "activations")
+
+    @property
+    def step_peak(self) -> int:
+        """Predicted peak resident memory of a training step, in bytes."""
+        return sum(getattr(self, k) for k in self._PARTS)
 
     @property
     def total(self) -> int:
-        """Predicted peak resident memory of a training step, in bytes."""
-        return self.runtime + self.weights + self.adapter + self.gradients + self.optimizer + self.activations
+        """Predicted peak resident memory of the whole run: the step's or, if higher, the load's."""
+        return max(self.step_peak, self.load_peak)
 
     def table(self) -> str:
         """A human-readable breakdown in MiB."""
-        rows = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "trainable_params"]
-        lines = [f"{n:<12} {v / _MIB:10.1f} MiB" for n, v in rows]
-        lines.append(f"{'total':<12} {self.total / _MIB:10.1f} MiB   ({self.trainable_params:,} trainable params)")
+        lines = [f"{n:<12} {getattr(self, n) / _MIB:10.1f} MiB" for n in self._PARTS]
+        lines.append(f"{'step peak':<12} {self.step_peak / _MIB:10.1f} MiB   ({self.trainable_params:,} trainable params)")
+        lines.append(f"{'load peak':<12} {self.load_peak / _MIB:10.1f} MiB")
+        lines.append(f"{'total':<12} {self.total / _MIB:10.1f} MiB")
         return "\n".join(lines)
 
 
@@ -137,6 +172,88 @@ class _CpuAttentionOnMeta(TorchFunctionMode):
         return out
 
 
+class _AllocTrace(TorchDispatchMode):
+    """Records every storage the ops of a ``meta`` run allocate and when it is freed, in order.
+
+    An allocation is an op output whose storage is new; its free is the destruction of that
+    storage (a weak finalizer), so saved tensors, views and gradients are followed exactly as
+    autograd keeps them. Storages in ``external`` (the model's own tensors) are not recorded.
+    ``dequant``: storages of quantised weights -> their element count. bitsandbytes dequantises
+    such a weight around every op that reads it (forward and backward), so those ops get the
+    temporaries its CPU path allocates: the double-quantised block scales (two fp32 vectors of
+    ``n/64``) and the fp32 dense weight (``4n`` bytes), freed once the op's output exists.
+    """
+
+    def __init__(self, external: set, dequant: dict):
+        super().__init__()
+        self.events: list[tuple] = []  # ("a", key, nbytes) or ("f", key)
+        self.live: set = set()
+        self.external = external
+        self.dequant = dequant
+        self._tmp = 0
+
+    def _alloc(self, key, nbytes: int) -> None:
+        self.live.add(key)
+        self.events.append(("a", key, nbytes))
+
+    def _free(self, key) -> None:
+        self.live.discard(key)
+        self.events.append(("f", key))
+
+    def _track(self, t: torch.Tensor) -> None:
+        s = t.untyped_storage()
+        key = s._cdata
+        if key in self.live or key in self.external:
+            return
+        self._alloc(key, s.nbytes())
+        weakref.finalize(s, self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        n = max((self.dequant.get(a.untyped_storage()._cdata, 0) for a in leaves), default=0)
+        out = func(*args, **kwargs)
+        new = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+               and t.untyped_storage()._cdata not in self.live and t.untyped_storage()._cdata not in self.external]
+        tmp = []
+        if n and new:  # an op computing from a quantised weight (not a view of it)
+            for nbytes in (4 * -(-n // 64), 4 * -(-n // 64), 4 * n):
+                self._tmp += 1
+                tmp.append(("tmp", self._tmp))
+                self._alloc(tmp[-1], nbytes)
+            self._free(tmp.pop(0))  # the 8-bit scales' dequantised copy, once offset
+        for t in new:
+            self._track(t)
+        for key in tmp:
+            self._free(key)
+        return out
+
+
+#: glibc's initial mmap threshold and page size: smaller requests carry a 16-byte chunk header
+#: (torch aligns them to 64 bytes), larger ones are mapped in whole pages
+_MMAP_THRESHOLD, _PAGE = 128 << 10, 4096
+
+
+def _chunk(nbytes: int) -> int:
+    """Bytes glibc takes for a torch CPU allocation of ``nbytes``."""
+    size = (nbytes + 16 + 63) // 64 * 64
+    return -(-size // _PAGE) * _PAGE if size >= _MMAP_THRESHOLD else size
+
+
+def _live_peak(events: list) -> int:
+    """Highest sum of live allocations (glibc chunk sizes) over ``events`` from :class:`_AllocTrace`."""
+    live: dict = {}
+    cur = peak = 0
+    for ev in events:
+        if ev[0] == "a":
+            live[ev[1]] = _chunk(ev[2])
+            cur += live[ev[1]]
+            peak = max(peak, cur)
+        else:
+            cur -= live.pop(ev[1], 0)
+    return peak
+
+
 def _quantized_bytes(linear: nn.Linear, mode: str, double_quant: bool) -> int:
     n = linear.in_features * linear.out_features
     bias = linear.out_features * 4 if linear.bias is not None else 0
@@ -168,6 +285,15 @@ def _weights_bytes(model: nn.Module, dtype: torch.dtype, quantize: Optional[str]
     return total
 
 
+def _checkpoint_bytes(model_or_config: Any) -> Optional[int]:
+    """Size of a model folder's safetensors files (what loading maps and reads), else None."""
+    if isinstance(model_or_config, str) and os.path.isdir(model_or_config):
+        files = [f for f in os.listdir(model_or_config) if f.endswith(".safetensors")]
+        if files:
+            return sum(os.path.getsize(os.path.join(model_or_config, f)) for f in files)
+    return None
+
+
 def estimate_memory(model_or_config: Any, method: Union[str, Any], batch_shape: tuple[int, int] = (4, 128), *,
                     quantize: Optional[str] = None, double_quant: bool = True, dtype: torch.dtype = torch.float32,
                     optimizer: str = "adamw", gradient_checkpointing: bool = False,
@@ -176,19 +302,21 @@ def estimate_memory(model_or_config: Any, method: Union[str, Any], batch_shape: 
 
     ``model_or_config``: a transformers model, its config, or a model folder. ``method``: a
     PeftConfig or a name (see :func:`method_config`); ``"qlora"`` implies ``quantize="4bit"``.
-    ``optimizer``: ``"adamw"`` (two fp32 moments per trainable parameter) or ``"sgd"``.
+    ``optimizer``: ``"sgd"`` (no state) or a ``peftkit train --optim`` name: ``"adamw"`` (two
+    fp32 moments), ``"adamw_8bit"``, ``"paged_adamw_8bit"``, ``"paged_adamw"``
+    (see :mod:`peftkit.train.optim`). The model is described in this module's docstring.
     """
     from transformers import AutoModelForCausalLM
 
     from .model import get_peft_model
+    from .train.optim import state_bytes
 
     if isinstance(method, str) and method.lower() == "qlora" and quantize is None:
         quantize = "4bit"
     cfg = method_config(method)
     config = _config_of(model_or_config)
-    states = {"adamw": 2, "adam": 2, "sgd": 0}.get(optimizer.lower())
-    if states is None:
-        raise ValueError(f"optimizer must be adamw or sgd, not {optimizer!r}")
+    optimizer = {"adam": "adamw"}.get(optimizer.lower(), optimizer.lower())
+    state_bytes(optimizer, [])  # unknown names fail here, before any work
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -201,27 +329,53 @@ def estimate_memory(model_or_config: Any, method: Union[str, Any], batch_shape: 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         weights = _weights_bytes(model, dtype, quantize, double_quant)
+        dense = _weights_bytes(model, dtype, None, double_quant)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        quantised = [m for m in model.modules() if quantize and type(m) is nn.Linear and m is not head]
+        dequant = {m.weight.untyped_storage()._cdata: m.weight.numel() for m in quantised}
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         pm = get_peft_model(model, cfg)
         trainable = [p for p in pm.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in trainable)
         adapter = sum(p.numel() * 4 for p in trainable)  # adapters train in fp32
+        in_embedding = {id(m.weight) for m in pm.modules() if isinstance(m, nn.Embedding)}
+        optim = state_bytes(optimizer, [p.numel() for p in trainable if id(p) not in in_embedding],
+                            [p.numel() for p in trainable if id(p) in in_embedding])
+        own = {t.untyped_storage()._cdata for t in list(pm.parameters()) + list(pm.buffers())}
         ids = torch.zeros(b, s, dtype=torch.long)
         pm.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _CpuAttentionOnMeta():
-            pm(input_ids=ids, labels=ids)
-    for t in list(pm.parameters()) + list(pm.buffers()):  # weights saved for backward are counted above
-        saved.pop(t.untyped_storage()._cdata, None)
-    del pm, model
+        trace = _AllocTrace(own, dequant)
+        with trace, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _CpuAttentionOnMeta():
+            out = pm(input_ids=ids, labels=ids)
+            out.loss.backward()
+            del out
+            grads = sum(_chunk(p.grad.untyped_storage().nbytes()) for p in trainable if p.grad is not None)
+            for p in trainable:
+                p.grad = None
+        events = list(trace.events)
+    for key in own:  # weights saved for backward are counted above
+        saved.pop(key, None)
+    del pm, model, trainable
+    if quantize and runtime_bytes is None:
+        try:  # the training process imports it to quantise (its native library: ~40 MB here)
+            import bitsandbytes  # noqa: F401
+        except Exception:  # not installed: training would fail anyway, the estimate still helps
+            pass
     # after the meta run, the process has imported and initialised everything training uses
     # (modeling code, autograd, attention kernels) but holds no tensor data
     runtime = _rss() if runtime_bytes is None else int(runtime_bytes)
-    vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
-    transient = 2 * b * s * vocab * 4
+    activations = max(0, _live_peak(events) - grads)
+    # loading maps the checkpoint and reads it page by page; quantising reads every dense
+    # weight, keeps its packed form, and for the layer in hand holds an fp32 copy plus two fp32
+    # temporaries of bitsandbytes' quantiser (12 bytes per weight)
+    file_bytes = _checkpoint_bytes(model_or_config) or dense
+    converted = quantize or (file_bytes != dense)
+    biggest = max((m.weight.numel() for m in quantised), default=0)
+    load = runtime + file_bytes + (weights if converted else 0) + 12 * biggest
     return MemoryEstimate(runtime=runtime, weights=weights, adapter=adapter, gradients=adapter,
-                          optimizer=states * adapter, activations=sum(saved.values()) + transient,
-                          trainable_params=n_train)
+                          optimizer=optim, activations=activations, trainable_params=n_train,
+                          saved=sum(saved.values()), load_peak=load)
 
 
 def register(subparsers) -> None:
@@ -236,7 +390,9 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--quantize", choices=["4bit", "nf4", "fp4", "8bit"], default=None)
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 base weights")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--optim", "--optimizer", dest="optimizer", default="adamw",
+                   choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd"],
+                   help="optimizer whose state to count (peftkit train --optim names, or sgd)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     p.set_defaults(func=_run)
@@ -252,7 +408,7 @@ def _run(args) -> int:
                           dtype=getattr(torch, args.dtype), optimizer=args.optimizer,
                           gradient_checkpointing=args.gradient_checkpointing)
     if args.json:
-        print(json.dumps({**dataclasses.asdict(est), "total": est.total}))
+        print(json.dumps({**dataclasses.asdict(est), "step_peak": est.step_peak, "total": est.total}))
     else:
         print(f"{os.path.basename(path.rstrip('/'))}, {args.method}, batch {args.batch_size}x{args.seq_len}"
               + (f", {quantize} base" if quantize else ""))

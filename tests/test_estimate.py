@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_llama
 from peftkit import LoraConfig, get_peft_model
-from peftkit.estimate import estimate_memory, method_config
+from peftkit.estimate import _AllocTrace, _chunk, _live_peak, estimate_memory, method_config
 
 
 def _real_saved_bytes(pm, ids):
@@ -32,6 +32,22 @@ def _real_saved_bytes(pm, ids):
     return sum(saved.values())
 
 
+def _real_trace_peak(pm, ids):
+    """Live-bytes peak of a real CPU forward + backward, traced the way the estimate traces meta."""
+    own = {t.untyped_storage()._cdata for t in list(pm.parameters()) + list(pm.buffers())}
+    trace = _AllocTrace(own, {})
+    pm.train()
+    with trace:
+        out = pm(input_ids=ids, labels=ids)
+        out.loss.backward()
+        del out
+        trainable = [p for p in pm.parameters() if p.requires_grad]
+        grads = sum(_chunk(p.grad.untyped_storage().nbytes()) for p in trainable)
+        for p in trainable:
+            p.grad = None
+    return _live_peak(list(trace.events)) - grads
+
+
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_parts_match_a_real_run(method):
     model = tiny_llama()
@@ -44,32 +60,70 @@ def test_parts_match_a_real_run(method):
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     assert est.trainable_params == trainable and est.adapter == 4 * trainable == est.gradients
     assert est.optimizer == 2 * est.adapter
-    transient = 2 * b * s * model.config.vocab_size * 4
     ids = torch.randint(2, 128, (b, s), generator=torch.Generator().manual_seed(0))
-    assert est.activations - transient == _real_saved_bytes(pm, ids)
-    assert est.total == sum(getattr(est, k) for k in ("runtime", "weights", "adapter", "gradients", "optimizer",
-                                                        "activations"))
+    assert est.saved == _real_saved_bytes(pm, ids)
+    # the meta run's forward + backward allocates and frees what a real CPU run does, in the same order
+    assert est.activations == _real_trace_peak(pm, ids)
+    # at the peak, more than what is saved for backward is live: the logits' gradients at least
+    assert est.activations > est.saved + b * s * model.config.vocab_size * 4
+    assert est.step_peak == sum(getattr(est, k) for k in ("runtime", "weights", "adapter", "gradients", "optimizer",
+                                                            "activations"))
+    assert est.total == max(est.step_peak, est.load_peak) and est.load_peak == est.weights  # fp32 model: no copy
+
+
+def test_trace_adds_bitsandbytes_dequantisation_around_quantised_ops():
+    with torch.device("meta"):
+        lin = torch.nn.Linear(64, 48, bias=False).requires_grad_(False)
+        x = torch.ones(3, 64, requires_grad=True)
+    n = lin.weight.numel()
+    trace = _AllocTrace({lin.weight.untyped_storage()._cdata}, {lin.weight.untyped_storage()._cdata: n})
+    with trace:
+        lin(x).sum().backward()
+    sizes = [e[2] for e in trace.events if e[0] == "a"]
+    assert sizes.count(4 * n) == 2  # dense fp32 weight: in forward, and for the input's gradient
+    ev = trace.events
+    tmp = [i for i, e in enumerate(ev) if e[0] == "a" and e[2] == 4 * n]
+    for i in tmp:  # the dense weight lives exactly while the op writes its output, then is freed
+        j = ev.index(("f", ev[i][1]))
+        between = [e for e in ev[i + 1:j] if e[0] == "a"]
+        assert len(between) == 1 and not isinstance(between[0][1], tuple)
+    assert all(("f", e[1]) in ev for e in ev if e[0] == "a" and isinstance(e[1], tuple))
 
 
 def test_qlora_weights_are_packed_and_scale_with_batch():
     cfg = tiny_llama().config
     lora = estimate_memory(cfg, "lora", (2, 16), runtime_bytes=0)
     qlora = estimate_memory(cfg, "qlora", (2, 16), runtime_bytes=0)
-    linear = sum(m.in_features * m.out_features for m in tiny_llama().modules()
-                 if type(m) is torch.nn.Linear and m.out_features != cfg.vocab_size)
+    linear = [m.in_features * m.out_features for m in tiny_llama().modules()
+              if type(m) is torch.nn.Linear and m.out_features != cfg.vocab_size]
     # fp32 -> 4 bit: 4 bytes become half a byte plus (double-quantised) block scales
     saved = lora.weights - qlora.weights
-    assert 3.4 * linear < saved < 3.5 * linear
-    assert qlora.activations == lora.activations
+    assert 3.4 * sum(linear) < saved < 3.5 * sum(linear)
+    assert qlora.saved == lora.saved and qlora.activations >= lora.activations
+    # loading reads the dense checkpoint, keeps the packed weights, and quantises one layer at a time
+    assert qlora.load_peak == lora.weights + qlora.weights + 12 * max(linear)
     big = estimate_memory(cfg, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), (4, 16), runtime_bytes=0)
     assert big.activations > 1.9 * lora.activations
+
+
+def test_optimizer_state_per_optim():
+    cfg = tiny_llama().config
+    est = {o: estimate_memory(cfg, "lora", (1, 8), optimizer=o, runtime_bytes=0)
+           for o in ("adamw", "adamw_8bit", "paged_adamw", "sgd")}
+    assert est["adamw"].optimizer == 2 * est["adamw"].adapter == est["paged_adamw"].optimizer
+    assert est["sgd"].optimizer == 0
+    from peftkit.train.optim import state_bytes
+
+    pm = get_peft_model(tiny_llama(), method_config("lora"))
+    sizes = [p.numel() for p in pm.parameters() if p.requires_grad]
+    assert est["adamw_8bit"].optimizer == state_bytes("adamw_8bit", sizes)
 
 
 def test_bad_method_and_optimizer():
     cfg = tiny_llama().config
     with pytest.raises(ValueError, match="Unknown method"):
         estimate_memory(cfg, "fullft", (1, 8))
-    with pytest.raises(ValueError, match="adamw or sgd"):
+    with pytest.raises(ValueError, match="sgd or one of adamw"):
         estimate_memory(cfg, "lora", (1, 8), optimizer="lion")
 
 
@@ -82,7 +136,7 @@ def test_cli_estimate_and_export(tmp_path, capsys):
     assert main(["estimate", "--model", folder, "--method", "lora", "--batch-size", "2", "--seq-len", "8",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["total"] > out["weights"] > 0 and out["trainable_params"] > 0
+    assert out["total"] >= out["step_peak"] > out["weights"] > 0 and out["trainable_params"] > 0
     pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     pm.save_pretrained(str(tmp_path / "ad"))
     gg = str(tmp_path / "ad.gguf")

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from ..config import ConfigError
+from .optim import OPTIMIZERS
 
 #: method-agnostic shortcuts -> the config fields they may mean (the first one present is used)
 SHORTCUTS = {"r": ("r",), "alpha": ("lora_alpha", "alpha"), "dropout": ("lora_dropout", "dropout"),
@@ -55,6 +56,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 turns it off)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    t.add_argument("--optim", default="adamw", choices=list(OPTIMIZERS),
+                   help="adamw (torch), adamw_8bit (bitsandbytes, CPU or GPU), paged_adamw_8bit / paged_adamw "
+                        "(bitsandbytes, CUDA GPU only)")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate the eval loss every N steps (0: only at the end)")
     t.add_argument("--save-every", type=int, default=50, help="write a resumable checkpoint every N steps")
     t.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
@@ -103,7 +107,7 @@ def parse_train_args(parser: argparse.ArgumentParser, sub: argparse.ArgumentPars
     args = parser.parse_args(argv)
     args.method_fields = {}
     if not args.config:
-        return args
+        return _checked(args)
     data = read_config_file(args.config)
     dests = {a.dest for a in sub._actions}
     unknown = {k: v for k, v in data.items() if k not in dests}
@@ -111,6 +115,15 @@ def parse_train_args(parser: argparse.ArgumentParser, sub: argparse.ArgumentPars
     args = parser.parse_args(argv)
     args.set = list(data.get("set") or []) + list(args.set)
     args.method_fields = unknown  # checked against the method's config class in method_config
+    return _checked(args)
+
+
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse, before any model is loaded, an ``--optim`` this machine cannot run (a config file's
+    value skips argparse's choices); ``args.trainer_optim`` is Trainer's name for it."""
+    from .optim import check_optim
+
+    args.trainer_optim = check_optim(args.optim)
     return args
 
 
