@@ -190,6 +190,19 @@ class LoraLinear(LoraDelta):
     def lora(self, x):
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
+    def forward(self, x, y, base):
+        """Plain LoRA: ``y + s B (A x)`` as one ``addmm``, so the add happens inside the matrix
+        product and the scale lands on the small (tokens x r) side in backward; in inference it
+        accumulates into ``y`` in place. DoRA and mixed dtypes take the general path."""
+        if self.magnitude is not None or y.dtype != self.lora_B.dtype or not y.is_contiguous():
+            return super().forward(x, y, base)
+        h = F.linear(self.dropout(x), self.lora_A).reshape(-1, self.r)
+        y2 = y.view(-1, y.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.addmm(y2, h, self.lora_B.t(), alpha=self.scaling).view(y.shape)
+        y2.addmm_(h, self.lora_B.t(), alpha=self.scaling)  # y is the Site's own fresh output
+        return y
+
     def factors(self):
         return self.lora_A, self.lora_B
 
