@@ -5,7 +5,7 @@ serve many LoRA adapters on one base by gathering, for each row of the batch, th
 ``A`` and ``B`` and running one batched product for all rows ("BGMV"). The same idea here::
 
     rows x (T, in)  ──bmm──►  A_row^T (in, r)  ──►  (T, r)  ──bmm──►  B_row^T (r, out) * s_row
-    y[rows] += result                                        (one kernel per step, not per adapter)
+    y += result (rows of no adapter: zero factors)           (one kernel per step, not per adapter)
 
 The per-row factors are stacked from references to each adapter's parameters, so the work
 depends on the number of rows, not on how many adapters are loaded, and training through a
@@ -32,30 +32,43 @@ def lora_mixed(deltas, rows, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             hit = routing.memo[key] = _gather(deltas, rows, x)
     else:
         hit = _gather(deltas, rows, x)
-    a, b, covered = hit
-    xs = x.index_select(0, covered).to(a.dtype)
-    shape = xs.shape
-    h = torch.bmm(xs.reshape(shape[0], -1, shape[-1]), a)                    # n, T, r
-    out = torch.bmm(h, b)                                                     # n, T, out
-    return y.index_add(0, covered, out.reshape(*shape[:-1], -1).to(y.dtype))
+    a, b = hit
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+    h = torch.bmm(x3, a)                                                      # n, T, r
+    if y.dtype != b.dtype or not y.is_contiguous():
+        return y + torch.bmm(h, b).view(y.shape).to(y.dtype)
+    y3 = y.view(y.shape[0], -1, y.shape[-1])
+    if torch.is_grad_enabled():
+        return torch.baddbmm(y3, h, b).view(y.shape)                         # y + h B^T, one kernel
+    y3.baddbmm_(h, b)  # no autograd: y is the Site's own fresh base output
+    return y
 
 
 def _gather(deltas, rows, x: torch.Tensor):
-    """Per-row (A^T: n x in x r, s B^T: n x r x out) and the rows they cover, in that order."""
+    """Per-row (A^T: n x in x r, s B^T: n x r x out) for every row of the batch, in row order.
+
+    Rows of no adapter here (``__base__`` or an adapter without this site) get zero factors, so
+    the products run over the whole batch without gathering rows out and scattering them back.
+    """
     rmax = max(d.r for d in deltas)
-    a_rows, b_rows, scales = [], [], []
+    n = x.shape[0]
+    a_rows: list = [None] * n
+    b_rows: list = [None] * n
+    scales = [0.0] * n
     for d, idx in zip(deltas, rows):
         a, b = d.lora_A, d.lora_B
         if d.r < rmax:
             a = F.pad(a, (0, 0, 0, rmax - d.r))
             b = F.pad(b, (0, rmax - d.r))
-        k = idx.numel()
-        a_rows += [a] * k
-        b_rows += [b] * k
-        scales += [d.scaling] * k
+        for i in idx.tolist():
+            a_rows[i], b_rows[i], scales[i] = a, b, d.scaling
+    if any(t is None for t in a_rows):
+        za = a_rows[rows[0][0]].new_zeros(rmax, x.shape[-1])
+        zb = b_rows[rows[0][0]].new_zeros(b_rows[rows[0][0]].shape)
+        a_rows = [za if t is None else t for t in a_rows]
+        b_rows = [zb if t is None else t for t in b_rows]
     dtype = a_rows[0].dtype
-    covered = torch.cat(rows) if len(rows) > 1 else rows[0]
     a = torch.stack(a_rows).transpose(1, 2)                                   # n, in, r
     scale = torch.tensor(scales, dtype=dtype, device=x.device).view(-1, 1, 1)
     b = torch.stack(b_rows).transpose(1, 2) * scale                           # n, r, out
-    return a, b, covered
+    return a, b
