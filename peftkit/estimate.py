@@ -28,18 +28,21 @@ of the two. The parts:
   weight (``4*in*out`` bytes) and its fp32 block scales, freed once the op's output exists (in
   forward, and again in backward for the input's gradient).
 
-Load: the checkpoint is memory-mapped and read page by page, so its file size becomes resident;
-a copy in another dtype adds the converted weights; quantising adds the packed weights and,
-for the layer being quantised, its fp32 copy and two fp32 temporaries of the quantiser (12 bytes
-per weight of the largest layer). For a QLoRA run with a small batch this load peak is the
-run's peak.
+Load: the checkpoint is memory-mapped. Kept in its dtype, its pages are only read by the first
+forward (they are the **weights** of the step). Converted to another dtype or quantised, every
+page is read (the file size becomes resident) next to the converted or packed weights, and
+quantising also holds, for the layer in hand, its fp32 copy and two fp32 temporaries of the
+quantiser (12 bytes per weight of the largest layer). For a QLoRA run with a small batch this
+load peak is the run's peak.
 
 Not modelled: the allocator's fragmentation. glibc raises its mmap threshold to the size of
-each freed temporary up to 32 MiB, after which activations live on the heap, whose free holes
-stay resident; with bitsandbytes' per-layer dequantised weights among the activations, the
-measured QLoRA peak on SmolLM2 is ~300 MB above the live bytes (it drops to within 5% of this
-estimate with ``MALLOC_MMAP_THRESHOLD_=131072``, which fixes the threshold). Measured accuracy
-is in docs/scale.md and benchmarks/estimate_vs_measured.py.
+each freed temporary (up to 32 MiB), after which smaller tensors live on the heap, where freed
+holes between live chunks stay resident. On SmolLM2-135M, batch 4x128, one thread
+(benchmarks/estimate_vs_measured.py), the measured peaks are 1,844-1,852 MiB for LoRA r8 q,v
+(estimate 1,719: -7%), 1,853-1,860 for prefix tuning (1,772: -4.5%) and 1,619-1,659 for QLoRA
+(1,408: -13% to -15%); mallinfo2 at QLoRA's peak shows ~370 MB of free heap chunks, resident.
+With ``MALLOC_MMAP_THRESHOLD_=131072`` (a fixed threshold: large tensors are unmapped when
+freed) the peaks are 1,640 (LoRA) and 1,344 (QLoRA), and this estimate is 5% above both.
 """
 from __future__ import annotations
 
@@ -315,6 +318,8 @@ def estimate_memory(model_or_config: Any, method: Union[str, Any], batch_shape: 
         quantize = "4bit"
     cfg = method_config(method)
     config = _config_of(model_or_config)
+    saved_as = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # before from_config sets it
+    saved_as = getattr(torch, saved_as, None) if isinstance(saved_as, str) else saved_as
     optimizer = {"adam": "adamw"}.get(optimizer.lower(), optimizer.lower())
     state_bytes(optimizer, [])  # unknown names fail here, before any work
     saved: dict[int, int] = {}
@@ -366,13 +371,14 @@ def estimate_memory(model_or_config: Any, method: Union[str, Any], batch_shape: 
     # (modeling code, autograd, attention kernels) but holds no tensor data
     runtime = _rss() if runtime_bytes is None else int(runtime_bytes)
     activations = max(0, _live_peak(events) - grads)
-    # loading maps the checkpoint and reads it page by page; quantising reads every dense
-    # weight, keeps its packed form, and for the layer in hand holds an fp32 copy plus two fp32
-    # temporaries of bitsandbytes' quantiser (12 bytes per weight)
+    # loading maps the checkpoint: kept as is, its pages are read by the first forward (they are
+    # the weights above); converted, every page is read and the converted copy made; quantising
+    # also holds, for the layer in hand, an fp32 copy plus two fp32 temporaries of bitsandbytes'
+    # quantiser (12 bytes per weight)
     file_bytes = _checkpoint_bytes(model_or_config) or dense
-    converted = quantize or (file_bytes != dense)
+    converted = bool(quantize) or (saved_as is not None and saved_as != dtype)
     biggest = max((m.weight.numel() for m in quantised), default=0)
-    load = runtime + file_bytes + (weights if converted else 0) + 12 * biggest
+    load = runtime + (file_bytes + weights + 12 * biggest if converted else 0)
     return MemoryEstimate(runtime=runtime, weights=weights, adapter=adapter, gradients=adapter,
                           optimizer=optim, activations=activations, trainable_params=n_train,
                           saved=sum(saved.values()), load_peak=load)
