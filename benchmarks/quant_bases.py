@@ -20,7 +20,10 @@ layers), so the two libraries can be run side by side: ``--impl peftkit,peft``.
     .venv/bin/python benchmarks/quant_bases.py --data ../shared/data/e2e_nlg --steps 40 \\
         --bases fp32,bf16,8bit,4bit --impl peftkit,peft --out quant_bases.md
 
-Timing needs a quiet machine; the table records the other processes' CPU share per run.
+Timing needs a quiet machine; the table records the other processes' CPU share per run. The
+bf16 base is slow on CPUs without native bf16 matrix units: on the 2-core AVX2 machine, under
+heavy load from other jobs, a bf16 step took 272 s against 21 s for the 4-bit base (2-step
+smoke runs, so only the order of magnitude means anything); budget for it, or leave it out.
 """
 from __future__ import annotations
 
@@ -92,9 +95,9 @@ def worker(args) -> dict:
     tok.padding_side = "right"  # labels mask the prompt from the left
     train, valid = load_e2e(args.data, args.steps * args.batch, args.valid)
     model = _model(base, impl, path)
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, _ = model.get_nb_trainable_parameters()  # the total counts packed bytes on quantised bases
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    row = {"base": base, "impl": impl, "trainable": trainable, "total": total, "steps": args.steps}
+    row = {"base": base, "impl": impl, "trainable": trainable, "steps": args.steps}
     model.train()
     setup_peak = common.peak_mib()  # loading and quantising
     common.reset_peak()

@@ -26,7 +26,9 @@ of the two. The parts:
   saves. Quantised layers stay dense on ``meta``, but every op that computes from a quantised
   weight also allocates what bitsandbytes' CPU path allocates around it: the dequantised fp32
   weight (``4*in*out`` bytes) and its fp32 block scales, freed once the op's output exists (in
-  forward, and again in backward for the input's gradient).
+  forward, and again in backward for the input's gradient). With gradient checkpointing only the
+  forward is traced: the activations are what it saves plus the logits' gradient and that of
+  their fp32 log-softmax (``2 * batch * seq * vocab * 4`` bytes), or the forward's peak if higher.
 
 Load: the checkpoint is memory-mapped. Kept in its dtype, its pages are only read by the first
 forward (they are the **weights** of the step). Converted to another dtype or quantised, every
@@ -47,6 +49,7 @@ freed) the peaks are 1,640 (LoRA) and 1,344 (QLoRA), and this estimate is 5% abo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -173,6 +176,27 @@ class _CpuAttentionOnMeta(TorchFunctionMode):
         out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(  # grouped k/v handled natively
             q, k, v, dropout, causal, attn_mask=mask, scale=kwargs.get("scale"))
         return out
+
+
+@contextlib.contextmanager
+def _one_sequence_per_row():
+    """Without a KV cache (gradient checkpointing turns it off), transformers looks for packed
+    sequences in the position ids, a data-dependent test meta tensors cannot answer. The meta
+    batch holds one sequence per row, for which that test finds none: answer so directly."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # an older transformers without the test
+        yield
+        return
+    find = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if find is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = find
 
 
 class _AllocTrace(TorchDispatchMode):
@@ -351,9 +375,11 @@ def estimate_memory(model_or_config: Any, method: Union[str, Any], batch_shape: 
         ids = torch.zeros(b, s, dtype=torch.long)
         pm.train()
         trace = _AllocTrace(own, dequant)
-        with trace, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _CpuAttentionOnMeta():
+        with trace, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _CpuAttentionOnMeta(), \
+                _one_sequence_per_row():
             out = pm(input_ids=ids, labels=ids)
-            out.loss.backward()
+            if not gradient_checkpointing:
+                out.loss.backward()
             del out
             grads = sum(_chunk(p.grad.untyped_storage().nbytes()) for p in trainable if p.grad is not None)
             for p in trainable:
@@ -371,6 +397,13 @@ def estimate_memory(model_or_config: Any, method: Union[str, Any], batch_shape: 
     # (modeling code, autograd, attention kernels) but holds no tensor data
     runtime = _rss() if runtime_bytes is None else int(runtime_bytes)
     activations = max(0, _live_peak(events) - grads)
+    if gradient_checkpointing:
+        # backward recomputes each block under checkpoint's own dispatch, which the meta run cannot
+        # follow (attention would recompute in its math form): count what the forward saves plus
+        # the largest transient of backward, the logits' gradient and that of their fp32
+        # log-softmax, and the forward's own live peak if higher
+        vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
+        activations = max(activations, sum(saved.values()) + 2 * b * s * vocab * 4)
     # loading maps the checkpoint: kept as is, its pages are read by the first forward (they are
     # the weights above); converted, every page is read and the converted copy made; quantising
     # also holds, for the layer in hand, an fp32 copy plus two fp32 temporaries of bitsandbytes'

@@ -142,3 +142,12 @@ def test_cli_estimate_and_export(tmp_path, capsys):
     gg = str(tmp_path / "ad.gguf")
     assert main(["export", "--adapter", str(tmp_path / "ad"), "--gguf", gg, "--base-config", folder]) == 0
     assert os.path.getsize(gg) > 0 and "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_gradient_checkpointing_saves_less(method):
+    cfg = tiny_llama().config
+    full = estimate_memory(cfg, method, (2, 32), runtime_bytes=0)
+    ckpt = estimate_memory(cfg, method, (2, 32), gradient_checkpointing=True, runtime_bytes=0)
+    assert ckpt.saved < full.saved and ckpt.activations < full.activations
+    assert ckpt.activations >= ckpt.saved + 2 * 2 * 32 * cfg.vocab_size * 4
