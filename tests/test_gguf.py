@@ -89,13 +89,15 @@ def test_rslora_scale_folded_into_lora_b(tmp_path):
     assert np.allclose(t["blk.0.attn_v.weight.lora_b"], (b * math.sqrt(4)).numpy(), atol=2e-3)
 
 
-def _fake_base(path, config, bad_shape=False):
+def _fake_base(path, config, bad_shape=False, tied=False):
     w = gguf.GGUFWriter(path, "llama")
     w.add_uint32("llama.block_count", config.num_hidden_layers)
     w.add_uint32("llama.attention.head_count", config.num_attention_heads)
     w.add_uint32("llama.attention.head_count_kv", config.num_key_value_heads)
     h, kv = config.hidden_size, config.num_key_value_heads * config.hidden_size // config.num_attention_heads
     w.add_tensor("token_embd.weight", np.zeros((config.vocab_size, h), np.float32))
+    if not tied:  # a tied base has no output.weight: llama.cpp reuses token_embd for the output
+        w.add_tensor("output.weight", np.zeros((config.vocab_size, h), np.float32))
     for i in range(config.num_hidden_layers):
         w.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((h, h + (8 if bad_shape else 0)), np.float32))
         w.add_tensor(f"blk.{i}.attn_k.weight", np.zeros((kv, h), np.float32))
@@ -130,3 +132,18 @@ def test_unexportable_adapters_say_why(tmp_path):
     _, _, folder = _adapter(tmp_path, target_modules=["q_proj"])
     with pytest.raises(GGUFExportError, match="base_gguf"):
         export_gguf(folder, str(tmp_path / "e.gguf"))
+
+
+def test_embedding_lora_refused_on_tied_output(tmp_path):
+    # llama.cpp would apply token_embd's LoRA to the tied output matmul too and abort the process
+    _, config, folder = _adapter(tmp_path, target_modules=["embed_tokens", "v_proj"])
+    base = str(tmp_path / "base.gguf")
+    _fake_base(base, config, tied=True)
+    with pytest.raises(GGUFExportError, match="ties its output layer"):
+        export_gguf(folder, str(tmp_path / "t.gguf"), base_gguf=base)
+    tied_cfg = config.to_dict() | {"tie_word_embeddings": True}
+    with pytest.raises(GGUFExportError, match="ties its output layer"):
+        export_gguf(folder, str(tmp_path / "t.gguf"), base_config=tied_cfg)
+    _, _, folder = _adapter(tmp_path, target_modules=["v_proj"])  # without embed_tokens it exports
+    assert set(export_gguf(folder, str(tmp_path / "t.gguf"), base_gguf=base)["tensors"]) == {
+        f"blk.{i}.attn_v.weight.lora_{ab}" for i in range(2) for ab in "ab"}

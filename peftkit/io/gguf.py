@@ -9,7 +9,9 @@ as ``W x + scale * (alpha / r) * B (A x)``, with ``r`` read from each tensor's s
   ``<name>.lora_a`` = A (r x in) and ``<name>.lora_b`` = B (out x r), in numpy order (GGUF stores
   the reversed ``ne`` order, so ``lora_a`` reads as ``[in, r]`` in llama.cpp);
 * ``token_embd.weight.lora_a`` is A transposed (num_embeddings x r), as llama.cpp looks rows up
-  in it directly.
+  in it directly. Only for bases with their own ``output.weight``: where the output layer is tied
+  to the embeddings (SmolLM2), llama.cpp also runs the embedding LoRA as a matmul on the output
+  and aborts, so export refuses it.
 
 Llama-family models: llama.cpp's converter permutes the rows of ``W_q`` and ``W_k`` so that its
 rotary embedding can rotate adjacent pairs instead of halves. Per head (``n_head`` for q,
@@ -68,7 +70,7 @@ def _hparams(base_gguf: Optional[str], base_config: Any, adapter_cfg: dict) -> d
         shapes = {t.name: tuple(int(s) for s in t.shape) for t in reader.tensors}  # ne order: (in, out)
         return {"arch": arch, "n_layer": field(f"{arch}.block_count"), "n_head": field(f"{arch}.attention.head_count"),
                 "n_head_kv": field(f"{arch}.attention.head_count_kv") or field(f"{arch}.attention.head_count"),
-                "shapes": shapes}
+                "shapes": shapes, "tied": "output.weight" not in shapes}
     cfg = base_config
     if cfg is None:
         folder = adapter_cfg.get("base_model_name_or_path") or ""
@@ -87,7 +89,8 @@ def _hparams(base_gguf: Optional[str], base_config: Any, adapter_cfg: dict) -> d
     arch = {"llama": "llama", "mistral": "llama"}.get(cfg.get("model_type"), cfg.get("model_type"))
     n_head = cfg.get("num_attention_heads")
     return {"arch": arch, "n_layer": cfg.get("num_hidden_layers"), "n_head": n_head,
-            "n_head_kv": cfg.get("num_key_value_heads") or n_head, "shapes": None}
+            "n_head_kv": cfg.get("num_key_value_heads") or n_head, "shapes": None,
+            "tied": bool(cfg.get("tie_word_embeddings", False))}
 
 
 def _name_map(arch: str, n_layer: int):
@@ -153,6 +156,12 @@ def export_gguf(adapter_dir: str, out_path: str, base_gguf: Optional[str] = None
         scale = alpha_t / math.sqrt(r) if cfg.use_rslora else alpha_t / r
         b = b * (scale / (alpha / r))  # llama.cpp applies alpha / r; fold in any difference
         if pair["embedding"]:
+            if gname == "token_embd.weight" and hp["tied"]:
+                raise GGUFExportError(
+                    f"{path} is adapted, but the base ties its output layer to the token embeddings (no "
+                    "output.weight in the GGUF, or tie_word_embeddings in the config). llama.cpp then applies "
+                    "the embedding LoRA to the output projection as well and aborts (ggml_can_mul_mat). Leave "
+                    "embed_tokens out of target_modules, or merge the adapter into the base and convert that.")
             a = a.T  # llama.cpp looks embedding rows up in lora_a: (num_embeddings, r)
         elif cfg.fan_in_fan_out:
             raise GGUFExportError("fan_in_fan_out (GPT-2 Conv1D) adapters are not supported for GGUF export.")
