@@ -29,9 +29,9 @@ def lora_mixed(deltas, rows, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         key = ("lora", tuple(map(id, deltas)), tuple(map(id, rows)))
         hit = routing.memo.get(key)
         if hit is None:
-            hit = routing.memo[key] = _gather(deltas, rows, x)
+            hit = routing.memo[key] = _gather(deltas, rows, x, routing)
     else:
-        hit = _gather(deltas, rows, x)
+        hit = _gather(deltas, rows, x, routing)
     a, b = hit
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
     h = torch.bmm(x3, a)                                                      # n, T, r
@@ -44,31 +44,42 @@ def lora_mixed(deltas, rows, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _gather(deltas, rows, x: torch.Tensor):
+def _row_groups(rows, n: int, device, routing) -> torch.Tensor:
+    """For each of the ``n`` batch rows, the index of its group in ``rows`` (``len(rows)`` for rows
+    of no group). The same row tensors reach every layer of one forward, so this is built once per
+    forward (kept in the routing's memo) rather than once per layer."""
+    key = ("lora_rows", n, tuple(map(id, rows)))
+    memo = routing.memo if routing is not None else {}
+    hit = memo.get(key)
+    if hit is None:
+        which = [len(rows)] * n
+        for g, idx in enumerate(rows):
+            for i in idx.tolist():
+                which[i] = g
+        hit = memo[key] = (torch.tensor(which, dtype=torch.long, device=device), rows)  # rows kept: ids stay valid
+    return hit[0]
+
+
+def _gather(deltas, rows, x: torch.Tensor, routing=None):
     """Per-row (A^T: n x in x r, s B^T: n x r x out) for every row of the batch, in row order.
 
-    Rows of no adapter here (``__base__`` or an adapter without this site) get zero factors, so
-    the products run over the whole batch without gathering rows out and scattering them back.
+    The distinct adapters' factors are stacked once (plus a zero entry for rows of no adapter
+    here: ``__base__`` or an adapter without this site) and expanded to rows with one
+    ``index_select``, so the Python work per layer is one step per adapter, not per row.
     """
     rmax = max(d.r for d in deltas)
-    n = x.shape[0]
-    a_rows: list = [None] * n
-    b_rows: list = [None] * n
-    scales = [0.0] * n
-    for d, idx in zip(deltas, rows):
+    a_list, b_list = [], []
+    for d in deltas:
         a, b = d.lora_A, d.lora_B
         if d.r < rmax:
             a = F.pad(a, (0, 0, 0, rmax - d.r))
             b = F.pad(b, (0, rmax - d.r))
-        for i in idx.tolist():
-            a_rows[i], b_rows[i], scales[i] = a, b, d.scaling
-    if any(t is None for t in a_rows):
-        za = a_rows[rows[0][0]].new_zeros(rmax, x.shape[-1])
-        zb = b_rows[rows[0][0]].new_zeros(b_rows[rows[0][0]].shape)
-        a_rows = [za if t is None else t for t in a_rows]
-        b_rows = [zb if t is None else t for t in b_rows]
-    dtype = a_rows[0].dtype
-    a = torch.stack(a_rows).transpose(1, 2)                                   # n, in, r
-    scale = torch.tensor(scales, dtype=dtype, device=x.device).view(-1, 1, 1)
-    b = torch.stack(b_rows).transpose(1, 2) * scale                           # n, r, out
-    return a, b
+        a_list.append(a)
+        b_list.append(b)
+    a_list.append(a_list[0].new_zeros(a_list[0].shape))
+    b_list.append(b_list[0].new_zeros(b_list[0].shape))
+    which = _row_groups(rows, x.shape[0], a_list[0].device, routing)
+    scale = torch.tensor([d.scaling for d in deltas] + [0.0], dtype=b_list[0].dtype, device=which.device)
+    a = torch.stack(a_list).index_select(0, which).transpose(1, 2)            # n, in, r
+    b = (torch.stack(b_list) * scale.view(-1, 1, 1)).index_select(0, which)   # n, out, r
+    return a, b.transpose(1, 2)                                               # n, r, out
