@@ -66,6 +66,22 @@ def load_e2e(folder: str, n_train: int, n_valid: int):
     return [(m.strip(), r.strip()) for m, r in pairs[:n_train]], list(zip(mrs, groups))[:n_valid]
 
 
+def greedy_outputs(model, tok, valid, new_tokens: int) -> list[str]:
+    """Greedy first lines generated for each validation meaning representation (left padding)."""
+    import torch
+
+    tok.padding_side = "left"
+    hyps = []
+    with torch.no_grad():
+        for i in range(0, len(valid), 8):
+            enc = tok([f"{mr} ||" for mr, _ in valid[i:i + 8]], return_tensors="pt", padding=True)
+            gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            for row in gen[:, enc["input_ids"].shape[1]:]:
+                hyps.append(tok.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
+    return hyps
+
+
 def corpus_bleu(hyps: list[str], refs: list[list[str]], n: int = 4) -> float:
     """Corpus BLEU-n in [0, 100] with multiple references per hypothesis."""
     match, total = [0] * n, [0] * n
@@ -157,16 +173,7 @@ def worker(args) -> dict:
                                     for f in fs if f.endswith(".safetensors"))
         out.update(_inference_ratios(model, tok, valid, args))
     net.eval()
-    tok.padding_side = "left"
-    hyps = []
-    with torch.no_grad():
-        for i in range(0, len(valid), 8):
-            chunk = valid[i:i + 8]
-            enc = tok([f"{mr} ||" for mr, _ in chunk], return_tensors="pt", padding=True)
-            gen = net.generate(**enc, max_new_tokens=args.new_tokens, do_sample=False,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:]:
-                hyps.append(tok.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
+    hyps = greedy_outputs(net, tok, valid, args.new_tokens)
     out["bleu"] = corpus_bleu(hyps, [refs for _, refs in valid])
     out["sample"] = hyps[0] if hyps else ""
     return out

@@ -39,7 +39,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
-from methods_table import corpus_bleu, load_e2e  # noqa: E402
+from methods_table import corpus_bleu, greedy_outputs, load_e2e  # noqa: E402
 
 #: base name -> (dtype to load in, bitsandbytes mode or None)
 BASES = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "8bit": ("float32", "8bit"), "4bit": ("float32", "4bit")}
@@ -125,15 +125,7 @@ def worker(args) -> dict:
         row["valid_loss"] = nll / n_tok
         row["valid_ppl"] = math.exp(row["valid_loss"])
         if args.metric != "loss":
-            tok.padding_side = "left"
-            hyps = []
-            for i in range(0, len(valid), 8):
-                chunk = valid[i:i + 8]
-                enc = tok([f"{mr} ||" for mr, _ in chunk], return_tensors="pt", padding=True)
-                gen = model.generate(**enc, max_new_tokens=args.new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                for out in gen[:, enc["input_ids"].shape[1]:]:
-                    hyps.append(tok.decode(out, skip_special_tokens=True).strip().split("\n")[0].strip())
+            hyps = greedy_outputs(model, tok, valid, args.new_tokens)
             row["bleu"] = corpus_bleu(hyps, [refs for _, refs in valid])
             row["sample"] = hyps[0] if hyps else ""
     row["peak_process_mib"] = max(setup_peak, common.peak_mib())
