@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--skip", nargs="*", default=[], choices=["mixed", "growth"],
+                   help="parts to skip: mixed (16 x 64 against peft), growth (8 vs 64 distinct adapters)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = common.load_base(args.model)
@@ -63,7 +65,14 @@ def main() -> None:
                     m(input_ids=ids, adapter_names=adapter_names)
         return f
 
-    # 1. batch 16 x 64 with 8 adapters, one per two rows
+    if "mixed" not in args.skip:
+        mixed_part(args, base, ids, run, log)
+    if "growth" not in args.skip:
+        growth_part(args, base, g, run, log)
+
+
+def mixed_part(args, base, ids, run, log) -> None:
+    """Batch 16 x 64 with 8 adapters, one per two rows: peftkit's and peft's mixed paths vs the base."""
     n = 8
     names = [f"a{i % n}" for i in range(args.batch)]
     kit, pf, one = build("peftkit", copy.deepcopy(base), n), build("peft", copy.deepcopy(base), n), build("peftkit", copy.deepcopy(base), 1)
@@ -83,7 +92,10 @@ def main() -> None:
     print(f"| one active adapter / base | {common.ratio_summary(times, 'peftkit_one', 'base')} | |")
     print(f"| mixed, peftkit / peft | {common.ratio_summary(times, 'peftkit_mixed', 'peft_mixed')} | |")
 
-    # 2. growth: the same number of tokens as 64 rows, with 8 vs 64 distinct adapters in the batch
+
+
+def growth_part(args, base, g, run, log) -> None:
+    """The same number of tokens as 64 rows, with 8 vs 64 distinct adapters in the batch."""
     rows_n = 64
     seq = max(1, args.batch * args.seq // rows_n)
     ids64 = torch.randint(0, base.config.vocab_size, (rows_n, seq), generator=g)
