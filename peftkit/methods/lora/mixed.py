@@ -44,10 +44,10 @@ def lora_mixed(deltas, rows, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _row_groups(rows, n: int, device, routing) -> torch.Tensor:
+def _row_groups(rows, n: int, device, routing) -> tuple[list[int], torch.Tensor]:
     """For each of the ``n`` batch rows, the index of its group in ``rows`` (``len(rows)`` for rows
-    of no group). The same row tensors reach every layer of one forward, so this is built once per
-    forward (kept in the routing's memo) rather than once per layer."""
+    of no group), as a list and as a tensor. The same row tensors reach every layer of one forward,
+    so this is built once per forward (kept in the routing's memo) rather than once per layer."""
     key = ("lora_rows", n, tuple(map(id, rows)))
     memo = routing.memo if routing is not None else {}
     hit = memo.get(key)
@@ -56,16 +56,16 @@ def _row_groups(rows, n: int, device, routing) -> torch.Tensor:
         for g, idx in enumerate(rows):
             for i in idx.tolist():
                 which[i] = g
-        hit = memo[key] = (torch.tensor(which, dtype=torch.long, device=device), rows)  # rows kept: ids stay valid
-    return hit[0]
+        hit = memo[key] = (which, torch.tensor(which, dtype=torch.long, device=device), rows)  # rows: ids stay valid
+    return hit[0], hit[1]
 
 
 def _gather(deltas, rows, x: torch.Tensor, routing=None):
     """Per-row (A^T: n x in x r, s B^T: n x r x out) for every row of the batch, in row order.
 
-    The distinct adapters' factors are stacked once (plus a zero entry for rows of no adapter
-    here: ``__base__`` or an adapter without this site) and expanded to rows with one
-    ``index_select``, so the Python work per layer is one step per adapter, not per row.
+    Each adapter's factors are fetched once per layer (plus a zero entry for rows of no adapter
+    here: ``__base__`` or an adapter without this site) and stacked straight into row order, so
+    every row's factors are copied once and the Python work per row is one list lookup.
     """
     rmax = max(d.r for d in deltas)
     a_list, b_list = [], []
@@ -78,8 +78,8 @@ def _gather(deltas, rows, x: torch.Tensor, routing=None):
         b_list.append(b)
     a_list.append(a_list[0].new_zeros(a_list[0].shape))
     b_list.append(b_list[0].new_zeros(b_list[0].shape))
-    which = _row_groups(rows, x.shape[0], a_list[0].device, routing)
-    scale = torch.tensor([d.scaling for d in deltas] + [0.0], dtype=b_list[0].dtype, device=which.device)
-    a = torch.stack(a_list).index_select(0, which).transpose(1, 2)            # n, in, r
-    b = (torch.stack(b_list) * scale.view(-1, 1, 1)).index_select(0, which)   # n, out, r
+    which, which_t = _row_groups(rows, x.shape[0], a_list[0].device, routing)
+    scale = torch.tensor([d.scaling for d in deltas] + [0.0], dtype=b_list[0].dtype, device=which_t.device)
+    a = torch.stack([a_list[w] for w in which]).transpose(1, 2)               # n, in, r
+    b = torch.stack([b_list[w] for w in which]) * scale.index_select(0, which_t).view(-1, 1, 1)
     return a, b.transpose(1, 2)                                               # n, r, out
