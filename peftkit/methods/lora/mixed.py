@@ -44,10 +44,10 @@ def lora_mixed(deltas, rows, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _row_groups(rows, n: int, device, routing) -> tuple[list[int], torch.Tensor]:
+def _row_groups(rows, n: int, routing) -> list[int]:
     """For each of the ``n`` batch rows, the index of its group in ``rows`` (``len(rows)`` for rows
-    of no group), as a list and as a tensor. The same row tensors reach every layer of one forward,
-    so this is built once per forward (kept in the routing's memo) rather than once per layer."""
+    of no group). The same row tensors reach every layer of one forward, so this is built once per
+    forward (kept in the routing's memo) rather than once per layer."""
     key = ("lora_rows", n, tuple(map(id, rows)))
     memo = routing.memo if routing is not None else {}
     hit = memo.get(key)
@@ -56,8 +56,8 @@ def _row_groups(rows, n: int, device, routing) -> tuple[list[int], torch.Tensor]
         for g, idx in enumerate(rows):
             for i in idx.tolist():
                 which[i] = g
-        hit = memo[key] = (which, torch.tensor(which, dtype=torch.long, device=device), rows)  # rows: ids stay valid
-    return hit[0], hit[1]
+        hit = memo[key] = (which, rows)  # rows kept so that their ids stay valid
+    return hit[0]
 
 
 def _gather(deltas, rows, x: torch.Tensor, routing=None):
@@ -78,8 +78,9 @@ def _gather(deltas, rows, x: torch.Tensor, routing=None):
         b_list.append(b)
     a_list.append(a_list[0].new_zeros(a_list[0].shape))
     b_list.append(b_list[0].new_zeros(b_list[0].shape))
-    which, which_t = _row_groups(rows, x.shape[0], a_list[0].device, routing)
-    scale = torch.tensor([d.scaling for d in deltas] + [0.0], dtype=b_list[0].dtype, device=which_t.device)
+    which = _row_groups(rows, x.shape[0], routing)
+    scales = [d.scaling for d in deltas] + [0.0]
+    scale = torch.tensor([scales[w] for w in which], dtype=b_list[0].dtype, device=b_list[0].device)
     a = torch.stack([a_list[w] for w in which]).transpose(1, 2)               # n, in, r
-    b = torch.stack([b_list[w] for w in which]) * scale.index_select(0, which_t).view(-1, 1, 1)
+    b = torch.stack([b_list[w] for w in which]) * scale.view(-1, 1, 1)
     return a, b.transpose(1, 2)                                               # n, r, out
