@@ -117,6 +117,9 @@ class Site(BaseLayerPassthrough):
         self._run: list[tuple[Delta, Optional[torch.dtype]]] = []
         self._pre: list[tuple[Delta, Optional[torch.dtype]]] = []
         self._replace: Optional[Delta] = None
+        #: the one active delta when it can compute base and update together
+        #: (``forward_whole``), else None; see :meth:`_refresh`
+        self._whole: Optional[Delta] = None
         #: how many Deltas here are full copies (``modules_to_save``); kept so that walking the
         #: model does not scan every adapter of every site
         self.copies = 0
@@ -163,6 +166,10 @@ class Site(BaseLayerPassthrough):
                     if d.transforms_input:
                         pre.append((d, _param_dtype(d)))
         self._run, self._pre, self._replace = run, pre, replace
+        # A single delta that can run the base product itself (plain LoRA on nn.Linear) gets the
+        # call whole: it adds its update in place into a base output it owns, saving a copy.
+        whole = run[0][0] if len(run) == 1 and not pre and replace is None else None
+        self._whole = whole if whole is not None and hasattr(whole, "forward_whole") else None
 
     def _base_with(self, x, pre, *args, **kwargs):
         for d, dtype in pre:
@@ -176,6 +183,10 @@ class Site(BaseLayerPassthrough):
             routing = _ROUTING.get()
             if routing is not None:
                 return self._forward_mixed(routing, x, *args, **kwargs)
+        if self._whole is not None and not args and not kwargs:
+            y = self._whole.forward_whole(x, self._base)
+            if y is not None:
+                return y
         if self._replace is not None:
             y = self._replace.replace(x, *args, **kwargs)
         elif self._pre:

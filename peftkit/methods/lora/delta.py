@@ -42,6 +42,12 @@ from ...core.method import Delta, new_weight
 from ...quant.backend import dequantize
 
 
+def _global_hooks() -> bool:
+    """Whether global module hooks are registered (calling a layer would run them)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
 class LoraDelta(Delta):
     """Shared LoRA/DoRA math; subclasses give the low-rank path and the 2-D weight view."""
 
@@ -202,6 +208,25 @@ class LoraLinear(LoraDelta):
             return torch.addmm(y2, h, self.lora_B.t(), alpha=self.scaling).view(y.shape)
         y2.addmm_(h, self.lora_B.t(), alpha=self.scaling)  # y is the Site's own fresh output
         return y
+
+    def forward_whole(self, x: torch.Tensor, base: nn.Module) -> Optional[torch.Tensor]:
+        """Base product and update together, or None when the Site must call ``base`` itself.
+
+        On a plain ``nn.Linear`` (no hooks that calling it would run, one dtype, plain LoRA) the
+        base output is computed here in 2-D, so the update can be added into it in place with
+        ``addmm_`` also under autograd (the base product never saves its output): training then
+        skips the copy of ``y`` that an out-of-place ``addmm`` makes at every site.
+        """
+        if (self.magnitude is not None or type(base) is not nn.Linear or base._forward_hooks
+                or base._forward_pre_hooks or _global_hooks()):
+            return None
+        w = base.weight
+        if x.dtype != w.dtype or self.lora_B.dtype != w.dtype:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, w, base.bias)
+        y.addmm_(F.linear(self.dropout(x2), self.lora_A), self.lora_B.t(), alpha=self.scaling)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def factors(self):
         return self.lora_A, self.lora_B
