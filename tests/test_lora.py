@@ -295,3 +295,36 @@ def test_loaded_parameters_own_their_storage_and_train(tmp_path):
     pissa.save_pretrained(str(tmp_path / "pissa"))
     again = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "pissa"))
     torch.testing.assert_close(output_of(again, batch), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_in_place_site_path_matches_reference_math_and_keeps_hooks(hooked):
+    """A plain LoRA on nn.Linear adds its update in place into a base output it computes itself;
+    outputs and every gradient must equal y = W x + b + s B A x written out by hand, and a layer
+    with a forward hook must still be called (so the hook runs)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 10)
+    net = torch.nn.Sequential(lin)
+    calls = []
+    if hooked:
+        lin.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    site = model.base_model.model[0]
+    assert isinstance(site, Site) and (site._whole is not None)
+    delta = site.deltas["default"]
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    y = model(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    a, b = delta.lora_A.detach().clone().requires_grad_(True), delta.lora_B.detach().clone().requires_grad_(True)
+    ref = ref_x @ lin.weight.T + lin.bias + delta.scaling * (ref_x @ a.T) @ b.T
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(delta.lora_A.grad, a.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(delta.lora_B.grad, b.grad, rtol=0, atol=1e-5)
+    assert lin.weight.grad is None
+    assert calls == ([torch.Size([3, 5, 10])] if hooked else [])
+    with torch.no_grad():  # inference takes the same in-place path
+        torch.testing.assert_close(model(x), ref.detach(), rtol=0, atol=1e-6)
