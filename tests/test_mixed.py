@@ -8,16 +8,21 @@ from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
 from peftkit import LoraConfig, get_peft_model
 
 
-def many(base, n=5, ranks=(2, 4, 8), **kw):
-    model = get_peft_model(base, LoraConfig(r=ranks[0], target_modules="all-linear", init_lora_weights=False, **kw))
+def many(base, n=5, ranks=(2, 4, 8), same_scale=False, **kw):
+    """``n`` random LoRA adapters; ranks cycle through ``ranks``; scales differ unless
+    ``same_scale`` (alpha = r for all: s = 1, the mixed path's one-alpha case)."""
+    alpha = (lambda i, r: r) if same_scale else (lambda i, r: 3 + i if i else 8)
+    model = get_peft_model(base, LoraConfig(r=ranks[0], lora_alpha=alpha(0, ranks[0]), target_modules="all-linear",
+                                            init_lora_weights=False, **kw))
     for i in range(1, n):
-        model.add_adapter(f"a{i}", LoraConfig(r=ranks[i % len(ranks)], lora_alpha=3 + i, target_modules="all-linear",
+        r = ranks[i % len(ranks)]
+        model.add_adapter(f"a{i}", LoraConfig(r=r, lora_alpha=alpha(i, r), target_modules="all-linear",
                                               init_lora_weights=False, **kw))
     return model
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("variant", [{}, {"use_dora": True}, {"use_rslora": True}])
+@pytest.mark.parametrize("variant", [{}, {"use_dora": True}, {"use_rslora": True}, {"same_scale": True}])
 def test_mixed_rows_equal_single_adapter_rows(factory, variant):
     model = many(factory(), **variant).eval()
     names = ["default", "a1", "a2", "a3", "a4", "__base__", "a2", "default"]

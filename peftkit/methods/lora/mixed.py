@@ -4,7 +4,7 @@ S-LoRA (Sheng et al. 2023, arXiv:2311.03285) and Punica (Chen et al. 2023, arXiv
 serve many LoRA adapters on one base by gathering, for each row of the batch, that row's own
 ``A`` and ``B`` and running one batched product for all rows ("BGMV"). The same idea here::
 
-    rows x (T, in)  ──bmm──►  A_row^T (in, r)  ──►  (T, r)  ──bmm──►  B_row^T (r, out) * s_row
+    rows x (T, in)  ──bmm──►  A_row^T (in, r)  ──►  (T, r) * s_row  ──bmm──►  B_row^T (r, out)
     y += result (rows of no adapter: zero factors)           (one kernel per step, not per adapter)
 
 The per-row factors are stacked from references to each adapter's parameters, so the work
@@ -32,15 +32,20 @@ def lora_mixed(deltas, rows, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             hit = routing.memo[key] = _gather(deltas, rows, x, routing)
     else:
         hit = _gather(deltas, rows, x, routing)
-    a, b = hit
+    a, b, scale = hit
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
     h = torch.bmm(x3, a)                                                      # n, T, r
+    alpha = 1.0
+    if isinstance(scale, float):
+        alpha = scale  # one scale for every adapter: folded into the product below
+    else:
+        h = h * scale  # per-row scales on the small (n, T, r) side, not on the stacked B
     if y.dtype != b.dtype or not y.is_contiguous():
-        return y + torch.bmm(h, b).view(y.shape).to(y.dtype)
+        return y + (torch.bmm(h, b) * alpha).view(y.shape).to(y.dtype)
     y3 = y.view(y.shape[0], -1, y.shape[-1])
     if torch.is_grad_enabled():
-        return torch.baddbmm(y3, h, b).view(y.shape)                         # y + h B^T, one kernel
-    y3.baddbmm_(h, b)  # no autograd: y is the Site's own fresh base output
+        return torch.baddbmm(y3, h, b, alpha=alpha).view(y.shape)            # y + s h B^T, one kernel
+    y3.baddbmm_(h, b, alpha=alpha)  # no autograd: y is the Site's own fresh base output
     return y
 
 
@@ -61,7 +66,11 @@ def _row_groups(rows, n: int, routing) -> list[int]:
 
 
 def _gather(deltas, rows, x: torch.Tensor, routing=None):
-    """Per-row (A^T: n x in x r, s B^T: n x r x out) for every row of the batch, in row order.
+    """Per-row (A^T: n x in x r, B^T: n x r x out, scale) for every row of the batch, in row order.
+
+    ``scale`` is one float when every adapter here has the same ``s`` (the product then takes it
+    as ``alpha``), else an (n, 1, 1) tensor of per-row scales applied to ``A x``: either way the
+    stacked ``B`` (the largest tensor here) is written once and never rescaled.
 
     Each adapter's factors are fetched once per layer (plus a zero entry for rows of no adapter
     here: ``__base__`` or an adapter without this site) and stacked straight into row order, so
@@ -79,8 +88,11 @@ def _gather(deltas, rows, x: torch.Tensor, routing=None):
     a_list.append(a_list[0].new_zeros(a_list[0].shape))
     b_list.append(b_list[0].new_zeros(b_list[0].shape))
     which = _row_groups(rows, x.shape[0], routing)
-    scales = [d.scaling for d in deltas] + [0.0]
-    scale = torch.tensor([scales[w] for w in which], dtype=b_list[0].dtype, device=b_list[0].device)
     a = torch.stack([a_list[w] for w in which]).transpose(1, 2)               # n, in, r
-    b = torch.stack([b_list[w] for w in which]) * scale.view(-1, 1, 1)
-    return a, b.transpose(1, 2)                                               # n, r, out
+    b = torch.stack([b_list[w] for w in which]).transpose(1, 2)               # n, r, out
+    scales = {d.scaling for d in deltas}
+    if len(scales) == 1:
+        return a, b, scales.pop()
+    per_adapter = [d.scaling for d in deltas] + [0.0]
+    scale = torch.tensor([per_adapter[w] for w in which], dtype=b.dtype, device=b.device)
+    return a, b, scale.view(-1, 1, 1)
