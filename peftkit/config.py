@@ -168,7 +168,8 @@ class PeftConfig:
 
     @classmethod
     def from_pretrained(cls, path: str, subfolder: Optional[str] = None, **overrides) -> "PeftConfig":
-        """Read ``adapter_config.json`` from a folder (or the file itself)."""
+        """Read ``adapter_config.json`` from a folder (or the file itself); ``str`` or ``os.PathLike``."""
+        path = os.fspath(path)
         if subfolder:
             path = os.path.join(path, subfolder)
         file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)

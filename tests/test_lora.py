@@ -328,3 +328,20 @@ def test_in_place_site_path_matches_reference_math_and_keeps_hooks(hooked):
     assert calls == ([torch.Size([3, 5, 10])] if hooked else [])
     with torch.no_grad():  # inference takes the same in-place path
         torch.testing.assert_close(model(x), ref.detach(), rtol=0, atol=1e-6)
+
+
+def test_paths_may_be_pathlib(tmp_path):
+    """save_pretrained, from_pretrained, load_adapter and LoraConfig.from_pretrained take
+    os.PathLike folders as Hugging Face PEFT does, not only str."""
+    from peftkit import LoraConfig as LC
+
+    base, cfg = build("llama", init=False)
+    model = get_peft_model(base, cfg).eval()
+    model.save_pretrained(tmp_path / "a")
+    assert LC.from_pretrained(tmp_path / "a").r == cfg.r
+    batch = inputs_for(model.get_base_model())
+    want = output_of(model, batch)
+    again = PeftModel.from_pretrained(build("llama")[0], tmp_path / "a").eval()
+    again.load_adapter(tmp_path / "a", "second")
+    again.set_adapter("second")
+    torch.testing.assert_close(output_of(again, batch), want, rtol=0, atol=0)
