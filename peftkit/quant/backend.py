@@ -68,9 +68,16 @@ def register_backend(backend: QuantBackend) -> QuantBackend:
     return backend
 
 
+_BUILTIN_LOADED = False
+
+
 def _load_builtin() -> None:
-    if not _BACKENDS:
-        from . import ao, bnb  # noqa: F401  (importing registers them)
+    # a flag, not "no backend registered yet": importing one backend module directly (or a
+    # user's register_backend) must not hide the others
+    global _BUILTIN_LOADED
+    if not _BUILTIN_LOADED:
+        _BUILTIN_LOADED = True
+        from . import ao, bnb, half  # noqa: F401  (importing registers them)
 
 
 def backend_for(module: nn.Module) -> Optional[QuantBackend]:
