@@ -1,4 +1,4 @@
-"""LoRA on quantised bases side by side: SmolLM2-135M with an fp32, bf16, 8-bit or 4-bit NF4 base.
+"""LoRA on quantised bases side by side: SmolLM2-135M with an fp32, bf16, bf16-stored, 8-bit or 4-bit NF4 base.
 
 QLoRA's trade (Dettmers et al. 2023): freeze the base in 4-bit NormalFloat, train LoRA on top,
 and pay in step time (every forward and backward dequantises each layer) for the memory saved.
@@ -41,8 +41,10 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 from methods_table import corpus_bleu, greedy_outputs, load_e2e  # noqa: E402
 
-#: base name -> (dtype to load in, bitsandbytes mode or None)
-BASES = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "8bit": ("float32", "8bit"), "4bit": ("float32", "4bit")}
+#: base name -> (dtype to load in, peftkit.quant mode or None). "bf16-storage": frozen linear
+#: weights stored in bf16, products in fp32 (peftkit.quant.half); "bf16": the whole model in bf16.
+BASES = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "bf16-storage": ("float32", "bf16"),
+         "8bit": ("float32", "8bit"), "4bit": ("float32", "4bit")}
 R, ALPHA, TARGETS, LR = 8, 16, ["q_proj", "v_proj"], 2e-3
 
 
