@@ -127,7 +127,7 @@ def main() -> None:
             (f"set_adapter, {args.n} loaded", lambda r: ms(r["set_many"])),
             (f"delete_adapter, {args.n} loaded", lambda r: ms(r["del_many"])),
             ("delete_adapter, 3 loaded", lambda r: ms(r["del_few"])),
-            ("resident memory added / parameter bytes", lambda r: f"{r['rss'] * 2**20 / (args.n * nbytes):.2f}x")]
+            ("resident memory added / parameter bytes", lambda r: f"{r['rss'] * 2**20 / (args.n * nbytes):.3f}x")]
     for label, f in rows:
         print(f"| {label} | " + " | ".join(f(results[lib]) for lib in libs) + " |")
     for lib in libs:

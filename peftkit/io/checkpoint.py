@@ -7,7 +7,10 @@ truncated mix. Reads never execute code from a file: safetensors first, and the 
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+import sys
 import tempfile
 from typing import Optional
 
@@ -58,13 +61,125 @@ def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: O
     _atomic(path, lambda fh: fh.write(blob))
 
 
+class AdapterTensors(dict):
+    """Name -> tensor, as read from one adapter file.
+
+    ``buffer`` is the one 1-D uint8 tensor that holds every tensor's bytes (each tensor is a
+    slice of it), or None when the tensors were read another way.
+    :func:`~peftkit.io.peft_format.apply_plan` adopts that buffer as the parameters' storage when
+    every tensor in it becomes a parameter.
+    """
+
+    buffer: Optional[torch.Tensor] = None
+
+
+#: safetensors' dtype names (https://huggingface.co/docs/safetensors, "Format")
+_ST_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+_MAX_HEADER = 100 * 2**20  # the format's own limit on the JSON header
+
+
+def tensors_in_buffer(buffer: torch.Tensor, layout: list, shared: bool = False) -> dict:
+    """Tensors that live in ``buffer`` (a 1-D uint8 tensor), one per (key, dtype, shape, byte
+    offset) in ``layout``; the buffer is one allocation, freed with the last of its tensors.
+
+    ``shared=False``: each tensor gets a storage of its own, a slice of the buffer's, so no two
+    share a storage (``safetensors.torch.save_file`` and similar tools refuse shared storages).
+    ``shared=True``: plain views of the buffer's one storage, which saves a storage object per
+    tensor (about 1.5% of a q,v LoRA r=8 adapter's bytes); for frozen adapters.
+    """
+    storage = buffer.untyped_storage()
+    base = buffer.storage_offset()
+    out = {}
+    for key, dtype, shape, offset in layout:
+        size = math.prod(shape) * dtype.itemsize
+        start = base + offset
+        if start % dtype.itemsize:  # a writer that did not align this tensor: give it its own copy
+            out[key] = buffer[offset:offset + size].clone().view(dtype).reshape(shape)
+        elif shared:
+            out[key] = torch.empty(0, dtype=dtype, device=buffer.device).set_(storage, start // dtype.itemsize, shape)
+        else:
+            out[key] = torch.empty(0, dtype=dtype, device=buffer.device).set_(storage[start:start + size], 0, shape)
+    return out
+
+
+def _read_safetensors(path: str) -> Optional[AdapterTensors]:
+    """Read a safetensors file into one buffer; None when it uses a dtype this reader lacks.
+
+    The header (8-byte little-endian length, then JSON) is checked against the file before any
+    tensor is made: known dtypes, sizes that match the shapes, and offsets that tile the payload
+    with no gap or overlap, as the format requires.
+    """
+    with open(path, "rb") as fh:
+        total = os.fstat(fh.fileno()).st_size
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_HEADER, total - 8):
+            raise ValueError(f"header length {n} does not fit in a file of {total} bytes")
+        header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        payload = total - 8 - n
+        layout, spans = [], []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+                raise ValueError(f"malformed entry for {name!r}")
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                return None  # the safetensors library reads it (see load_tensors)
+            shape, (begin, end) = info["shape"], info["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end <= payload:
+                raise ValueError(f"bad shape or offsets for {name!r}")
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{name!r}: {end - begin} bytes for shape {shape} of {info['dtype']}")
+            layout.append((name, dtype, shape, begin))
+            spans.append((begin, end))
+        covered = 0
+        for begin, end in sorted(spans):
+            if begin != covered:
+                raise ValueError("tensor data overlaps or leaves a gap")
+            covered = end
+        if covered != payload:
+            raise ValueError(f"the tensors cover {covered} of the payload's {payload} bytes")
+        buffer = torch.empty(payload, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        while done < payload:
+            got = fh.readinto(view[done:])
+            if not got:
+                raise ValueError("the file ended early")
+            done += got
+    out = AdapterTensors(tensors_in_buffer(buffer, layout))
+    out.buffer = buffer
+    return out
+
+
 def load_tensors(folder: str) -> dict[str, torch.Tensor]:
-    """Read the adapter weights in ``folder`` (safetensors, else a weights-only .bin)."""
+    """Read the adapter weights in ``folder`` (safetensors, else a weights-only .bin).
+
+    A safetensors file is read with one allocation: its whole payload goes into one buffer and
+    each tensor is a slice of it (:class:`AdapterTensors`), so a loaded adapter costs its own
+    bytes and no per-tensor allocations, and does not keep the file mapped.
+    """
     st = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(st):
-        from safetensors import safe_open
+        try:
+            if sys.byteorder == "little":  # the format is little-endian; elsewhere the library converts
+                tensors = _read_safetensors(st)
+                if tensors is not None:
+                    return tensors
+            from safetensors import safe_open
 
-        try:  # one owned, writable tensor per key (a loader may adopt it as a parameter's storage)
             with safe_open(st, framework="pt") as fh:
                 return {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as e:

@@ -8,14 +8,14 @@ layer). Each Delta declares its suffixes (``peft_names``), so this module names 
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 from ..core.inject import sites
 from ..core.method import is_placeholder
 from ..core.registry import get_method
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, tensors_in_buffer
 
 PREFIX = "base_model.model."
 HOST_PREFIX = "base_model."
@@ -108,15 +108,56 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
 
 
 @torch.no_grad()
-def apply_plan(plan) -> None:
+def apply_plan(plan, source: Optional[dict] = None, frozen: bool = False) -> None:
     """Copy each value into its destination tensor (casting dtype and device).
 
-    A destination that is still a placeholder (:func:`~peftkit.core.method.is_placeholder`, a
-    parameter created while loading) takes the value itself as its storage: no copy.
+    Destinations that are still placeholders (:func:`~peftkit.core.method.is_placeholder`,
+    parameters created while loading) get storage instead of a copy, one allocation for all of
+    them: when ``source`` (the dict the plan was made from) is an
+    :class:`~peftkit.io.checkpoint.AdapterTensors` whose every tensor lands, unconverted, in a
+    placeholder, its buffer is adopted as is; otherwise the values are packed, cast, into one new
+    buffer per (device, dtype). The buffer is freed with the last of its parameters (deleting the
+    adapter). With ``frozen`` (an adapter loaded for inference) the parameters are views of the
+    buffer's one storage; otherwise each gets a storage of its own within it
+    (:func:`~peftkit.io.checkpoint.tensors_in_buffer`), so any tool can save them.
     """
+    adopt: list = []
     for dest, value in plan:
-        value = value.to(device=dest.device, dtype=dest.dtype)
         if is_placeholder(dest):
-            dest.data = value.contiguous()
+            adopt.append((dest, value))
         else:
-            dest.data.copy_(value)
+            dest.data.copy_(value.to(device=dest.device, dtype=dest.dtype))
+    if not adopt:
+        return
+    buffer = getattr(source, "buffer", None)
+    if buffer is not None and _whole_buffer(adopt, source, buffer):
+        start = buffer.data_ptr()
+        layout = [(k, v.dtype, list(v.shape), v.data_ptr() - start) for k, (_, v) in enumerate(adopt)]
+        for k, t in tensors_in_buffer(buffer, layout, frozen).items():
+            adopt[k][0].data = t
+        return
+    groups: dict = {}
+    for dest, value in adopt:
+        groups.setdefault((dest.device, dest.dtype), []).append((dest, value))
+    for (device, dtype), items in groups.items():
+        layout, offset = [], 0
+        for k, (dest, _) in enumerate(items):
+            layout.append((k, dtype, list(dest.shape), offset))
+            offset += dest.numel() * dtype.itemsize
+        packed = tensors_in_buffer(torch.empty(offset, dtype=torch.uint8, device=device), layout, frozen)
+        for k, (dest, value) in enumerate(items):
+            packed[k].copy_(value)
+            dest.data = packed[k]
+
+
+def _whole_buffer(adopt, source, buffer) -> bool:
+    """Whether the values are exactly the tensors of ``source``'s buffer, each in its destination's
+    dtype and on its device, so that the buffer can become the parameters' storage."""
+    if len(adopt) != len(source) or len({id(d) for d, _ in adopt}) != len(adopt):
+        return False
+    if {id(v) for _, v in adopt} != {id(v) for v in source.values()}:
+        return False
+    lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    return all(v.dtype == d.dtype and v.device == d.device and v.is_contiguous()
+               and lo <= v.data_ptr() and v.data_ptr() + v.numel() * v.element_size() <= hi
+               for d, v in adopt)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.method import Delta, new_weight
+from ...core.method import Delta, new_parameter, new_weight
 from ...quant.backend import dequantize
 
 
@@ -190,8 +190,8 @@ class LoraLinear(LoraDelta):
         super().__init__(**kw)
         self.fan_in_fan_out = fan_in_fan_out
         # uninitialised: init.initialise() fills them, or a checkpoint load supplies them
-        self.lora_A = nn.Parameter(new_weight(self.r, in_features))
-        self.lora_B = nn.Parameter(new_weight(out_features, self.r))
+        self.lora_A = new_parameter(self.r, in_features)
+        self.lora_B = new_parameter(out_features, self.r)
 
     def lora(self, x):
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
