@@ -20,6 +20,13 @@ from .model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .methods import PromptTuningInit
+from .functional import (get_peft_model_state_dict, inject_adapter_in_model, load_peft_weights,
+                         set_peft_model_state_dict)
+from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                   AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
+                   AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
+from .quant import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -31,4 +38,9 @@ __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "get_peft_model",
+    "PromptTuningInit", "get_peft_model_state_dict", "set_peft_model_state_dict", "load_peft_weights",
+    "inject_adapter_in_model", "prepare_model_for_kbit_training",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
 ]
