@@ -273,3 +273,43 @@ def test_auto_refuses_hub_ids_and_wrong_task(tmp_path):
         peftkit.AutoPeftModelForSequenceClassification.from_pretrained(adapter)
     with pytest.raises(ValueError, match="Use AutoPeftModelForCausalLM"):
         peftkit.AutoPeftModel.from_pretrained(adapter)
+
+
+def test_auto_peft_model_uses_peft_auto_mapping(tmp_path):
+    """An adapter PEFT saved on a bare LlamaModel (no task type) records the base class in auto_mapping."""
+    from transformers import LlamaModel
+
+    base_dir = tmp_path / "base"
+    LlamaModel(tiny_llama().config).save_pretrained(base_dir)
+    theirs = peft.get_peft_model(LlamaModel.from_pretrained(base_dir), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["auto_mapping"]
+    loaded = peftkit.AutoPeftModel.from_pretrained(str(tmp_path / "adapter"), base_model_name_or_path=str(base_dir))
+    assert type(loaded.get_base_model()).__name__ == "LlamaModel"
+    batch = inputs_for(tiny_llama())
+    torch.testing.assert_close(loaded(**batch).last_hidden_state, theirs.eval()(**batch).last_hidden_state,
+                               atol=1e-5, rtol=0)
+
+
+def test_auto_sequence_classification_and_grown_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(tiny_llama(num_labels=3, pad_token_id=0).config).save_pretrained(base_dir)
+    ours = peftkit.get_peft_model(LlamaForSequenceClassification.from_pretrained(base_dir),
+                                  peftkit.LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS")).eval()
+    _perturb(ours)
+    adapter = tmp_path / "adapter"
+    ours.save_pretrained(str(adapter))
+    vocab = {f"t{i}": i for i in range(140)}  # 12 more tokens than the base's 128 embeddings
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")))
+    tok.save_pretrained(adapter)
+    loaded = peftkit.AutoPeftModelForSequenceClassification.from_pretrained(
+        str(adapter), base_model_name_or_path=str(base_dir)).eval()
+    assert isinstance(loaded, peftkit.PeftModelForSequenceClassification)
+    assert loaded.get_input_embeddings().weight.shape[0] == 140
+    batch = inputs_for(tiny_llama())
+    torch.testing.assert_close(output_of(loaded, batch), output_of(ours, batch), atol=1e-5, rtol=0)
