@@ -129,7 +129,8 @@ def _auto(name: str, target: Optional[str], peft_class: type[PeftModel], task: O
 
 
 AutoPeftModel = _auto("AutoPeftModel", None, PeftModel, None,
-                      "Base from ``transformers.AutoModel`` (or the config's ``auto_mapping``), for adapters without a task type.")
+                      "Base from ``transformers.AutoModel`` (or the config's ``auto_mapping``), for adapters "
+                      "without a task type.")
 AutoPeftModelForCausalLM = _auto("AutoPeftModelForCausalLM", "AutoModelForCausalLM", PeftModelForCausalLM,
                                  TaskType.CAUSAL_LM, "``CAUSAL_LM`` adapters on ``AutoModelForCausalLM``.")
 AutoPeftModelForSeq2SeqLM = _auto("AutoPeftModelForSeq2SeqLM", "AutoModelForSeq2SeqLM", PeftModelForSeq2SeqLM,

@@ -18,6 +18,7 @@ spellings there.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import namedtuple
@@ -266,7 +267,8 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"peft_config must be a peftkit config (LoraConfig(...) ...), got {type(peft_config).__name__}.")
+        raise TypeError(f"peft_config must be a peftkit config (LoraConfig(...) ...), got "
+                        f"{type(peft_config).__name__}.")
     if is_prompt_config(peft_config):
         raise ValueError(f"inject_adapter_in_model does not support {peft_config.peft_type}: prompt methods add "
                          "virtual tokens or attention prefixes at the model's input, which needs the wrapper. "
@@ -274,6 +276,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     if state_dict is not None:
         peft_config = _targets_from_keys(peft_config, model, state_dict)
     host = model.__dict__.get(_HOST_ATTR) or AdapterHost(model)
+    trainable = [(p, p.requires_grad) for p in model.parameters()]  # to restore on refusal
     host.inject(adapter_name, peft_config)
     shared = [k for k in adapter_state_dict(host, adapter_name)
               if k.startswith(HOST_PREFIX) and not k.startswith(PREFIX)]
@@ -281,6 +284,8 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         host.delete_adapter(adapter_name)
         if not host.peft_config:
             host.unload()
+        for p, flag in trainable:
+            p.requires_grad_(flag)
         raise ValueError(f"inject_adapter_in_model does not support {peft_config.peft_type} with this config: it "
                          f"keeps state shared by the whole model ({shared[0]!r}), which lives on the wrapper. "
                          "Use get_peft_model(model, config).")
@@ -296,8 +301,6 @@ def _targets_from_keys(config: PeftConfig, model: nn.Module, keys: Mapping[str, 
     submodules nor one of its own parameters or buffers (so ``lora_A.weight`` marks ``q_proj``,
     while a ``modules_to_save`` copy's ``lm_head.weight`` marks nothing).
     """
-    import dataclasses
-
     if not hasattr(config, "target_modules"):
         raise ValueError(f"{config.peft_type} has no target_modules; state_dict= cannot select its layers.")
     rests: dict[str, set[str]] = {}
@@ -311,7 +314,8 @@ def _targets_from_keys(config: PeftConfig, model: nn.Module, keys: Mapping[str, 
         if path not in rests:
             continue
         own = {n for n, _ in module.named_children()}
-        own |= {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
+        own |= {n for n, _ in module.named_parameters(recurse=False)}
+        own |= {n for n, _ in module.named_buffers(recurse=False)}
         if rests[path] - own:
             paths.append(path)
     if not paths:

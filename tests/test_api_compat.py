@@ -232,6 +232,12 @@ def test_inject_refuses_prompt_methods_and_peft_models():
     with pytest.raises(ValueError, match="prompt methods"):
         peftkit.inject_adapter_in_model(peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
                                         tiny_llama())
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="shared by the whole model.*get_peft_model"):
+        peftkit.inject_adapter_in_model(peftkit.VeraConfig(r=4, target_modules=["q_proj"], save_projection=True), model)
+    assert not hasattr(model, "peft_config")  # left as it was: no sites, no adapter bookkeeping
+    assert all(type(m).__name__ != "Site" for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="already a PeftModel"):
         peftkit.inject_adapter_in_model(peftkit.LoraConfig(target_modules=["q_proj"]), _lora_model())
 
