@@ -26,9 +26,10 @@ from peftkit.methods.lora.delta import LoraLinear
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def saved_adapter(tmp_path, name="a"):
-    """A random (non-identity) LoRA saved to ``tmp_path/name``; returns (folder, base, outputs)."""
+def saved_adapter(tmp_path, name="a", seed=1):
+    """A random (non-identity) LoRA saved to ``tmp_path/name``; returns (folder, base, ids, logits)."""
     base = tiny_llama()
+    torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
     folder = str(tmp_path / name)
     model.save_pretrained(folder)
@@ -107,6 +108,19 @@ def test_saving_a_frozen_load_writes_each_tensor(tmp_path):
     assert sorted(first) == sorted(second)
     for k in first:
         assert torch.equal(first[k], second[k])
+
+
+def test_hotswap_into_a_frozen_load_copies_in_place(tmp_path):
+    folder, base, ids, _ = saved_adapter(tmp_path, "a", seed=1)
+    other, _, _, other_out = saved_adapter(tmp_path, "b", seed=2)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    params = adapter_params(model, "default")
+    ptrs = [p.data_ptr() for p in params]
+    model.hotswap_adapter(other)
+    assert [p.data_ptr() for p in params] == ptrs
+    assert len({p.untyped_storage().data_ptr() for p in params}) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, other_out)
 
 
 def test_delete_adapter_frees_its_buffer(tmp_path):
