@@ -141,6 +141,13 @@ def run(args) -> int:
     from .loop import enable_checkpointing, make_trainer, plot_losses, set_threads
 
     t0 = time.time()
+    if getattr(args, "quantize", None) and not getattr(args, "malloc_defaults", False):
+        # before any tensor exists: a quantised base fragments glibc's heap (see alloc.py)
+        from .alloc import limit_heap_fragmentation
+
+        heap = limit_heap_fragmentation()
+        _log("malloc: mmap threshold fixed at 128 KiB for the quantised base" if heap == "set"
+             else f"malloc: left as is ({heap})")
     args.threads = set_threads(args.threads)  # fixed for the run, so every phase uses the same count
     set_seed(args.seed)
     default = args.data is None
