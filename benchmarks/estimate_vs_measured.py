@@ -8,13 +8,20 @@ The estimate's total is compared with the higher of the two, its step peak with 
 Writes benchmarks/results/estimate_vs_measured.json and prints a table.
 
     .venv/bin/python benchmarks/estimate_vs_measured.py [--configs lora qlora prefix] [--batch 4 --seq 128]
-        [--threads 2] [--fixed-mmap-threshold]
+        [--threads 2] [--malloc train|default|fixed] [--append]
 
-``--fixed-mmap-threshold`` runs the workers with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then
-maps every allocation of 128 KiB or more on its own and unmaps it when freed, instead of raising
-the threshold to the size of each freed temporary and keeping smaller tensors on the heap, where
-freed holes stay resident. The difference between the two runs is the heap's fragmentation,
-which the estimate does not model.
+``--malloc`` chooses glibc's heap settings for the training part of each worker:
+
+* ``train`` (default): what ``peftkit train`` does with the same options: for the quantised base
+  (qlora) :func:`peftkit.train.alloc.limit_heap_fragmentation` fixes the mmap threshold at
+  128 KiB, as ``peftkit train --quantize`` does; the others keep glibc's defaults;
+* ``default``: glibc's defaults for every config (``peftkit train --quantize --malloc-defaults``);
+* ``fixed``: every config with ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment.
+
+Under glibc's defaults the threshold rises to the size of each freed temporary, smaller tensors
+then live on the heap and the holes they leave stay resident: the difference between ``default``
+and ``fixed`` is that fragmentation (see peftkit/train/alloc.py). Rows of a rerun replace those
+with the same config, batch and heap setting unless ``--append`` keeps both.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,9 +43,11 @@ def _status(key):
     return 0
 
 
-def one(name: str, batch: int, seq: int, threads: int = 2) -> dict:
+def one(name: str, batch: int, seq: int, threads: int = 2, malloc: str = "train") -> dict:
     """Estimate, then measure, one configuration in this process."""
     import torch
+
+    from peftkit.train.alloc import limit_heap_fragmentation
 
     torch.set_num_threads(threads)
     from peftkit import get_peft_model
@@ -47,6 +57,14 @@ def one(name: str, batch: int, seq: int, threads: int = 2) -> dict:
 
     path = resolve(None, log=lambda m: None)
     est = estimate_memory(path, name, (batch, seq))
+    heap = "glibc default"
+    if malloc == "fixed":
+        heap = "fixed mmap threshold 128 KiB (MALLOC_MMAP_THRESHOLD_)"
+    elif malloc == "train" and name == "qlora":  # what `peftkit train --quantize` calls first
+        status = limit_heap_fragmentation()
+        if status != "set":
+            raise RuntimeError(f"peftkit train's heap setting was not applied here: {status}")
+        heap = "mmap threshold 128 KiB (peftkit train --quantize)"
     model = load_model(path)
     if name == "qlora":
         quantize_model(model, "4bit")
@@ -64,7 +82,8 @@ def one(name: str, batch: int, seq: int, threads: int = 2) -> dict:
         opt.step()
     step_peak = _status("VmHWM")
     peak = max(load_peak, step_peak)
-    return {"config": name, "batch": [batch, seq], "threads": threads, "estimate": est.total, "measured_peak": peak,
+    return {"config": name, "batch": [batch, seq], "threads": threads, "malloc": heap,
+            "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "estimate": est.total, "measured_peak": peak,
             "error": (est.total - peak) / peak, "estimate_step": est.step_peak, "measured_step": step_peak,
             "estimate_load": est.load_peak, "measured_load": load_peak,
             "breakdown": {k: v for k, v in vars(est).items()}}
@@ -76,30 +95,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fixed-mmap-threshold", action="store_true", help="run workers with MALLOC_MMAP_THRESHOLD_=131072")
+    ap.add_argument("--malloc", choices=["train", "default", "fixed"], default="train",
+                    help="heap settings of the training part (see the module docstring)")
+    ap.add_argument("--append", action="store_true", help="keep earlier rows with the same key")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.batch, args.seq, args.threads)))
+        print(json.dumps(one(args.one, args.batch, args.seq, args.threads, args.malloc)))
         return
     rows = []
     for name in args.configs:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--seq", str(args.seq),
-                              "--threads", str(args.threads)], capture_output=True, text=True, check=True,
-                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if args.fixed_mmap_threshold else None)
+                              "--threads", str(args.threads), "--malloc", args.malloc], capture_output=True, text=True,
+                             check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if args.malloc == "fixed" else None)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        r["malloc"] = "fixed mmap threshold 128 KiB" if args.fixed_mmap_threshold else "glibc default"
         mib = {k: r[k] / 2**20 for k in ("estimate", "measured_peak", "estimate_step", "measured_step",
                                           "estimate_load", "measured_load")}
         print(f"{name:8s} estimate {mib['estimate']:7.0f} MiB  measured {mib['measured_peak']:7.0f} MiB  "
               f"error {100 * r['error']:+.1f}%   (step {mib['estimate_step']:.0f} vs {mib['measured_step']:.0f}, "
-              f"load {mib['estimate_load']:.0f} vs {mib['measured_load']:.0f})", flush=True)
+              f"load {mib['estimate_load']:.0f} vs {mib['measured_load']:.0f})  [{r['malloc']}, {r['utc']} UTC]", flush=True)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     path = os.path.join(HERE, "results", "estimate_vs_measured.json")
     old = json.load(open(path)) if os.path.exists(path) else []
-    malloc = "fixed mmap threshold 128 KiB" if args.fixed_mmap_threshold else "glibc default"
-    rerun = {(n, args.batch, args.seq, malloc) for n in args.configs}  # reruns replace their rows
+    rerun = set() if args.append else {(r["config"], *r["batch"], r["malloc"]) for r in rows}
     keep = [r for r in old if (r["config"], *r["batch"], r.get("malloc", "glibc default")) not in rerun]
     with open(path, "w") as fh:
         json.dump(keep + rows, fh, indent=1)

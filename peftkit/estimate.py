@@ -37,14 +37,18 @@ quantising also holds, for the layer in hand, its fp32 copy and two fp32 tempora
 quantiser (12 bytes per weight of the largest layer). For a QLoRA run with a small batch this
 load peak is the run's peak.
 
-Not modelled: the allocator's fragmentation. glibc raises its mmap threshold to the size of
-each freed temporary (up to 32 MiB), after which smaller tensors live on the heap, where freed
-holes between live chunks stay resident. On SmolLM2-135M, batch 4x128, one thread
-(benchmarks/estimate_vs_measured.py), the measured peaks are 1,844-1,852 MiB for LoRA r8 q,v
-(estimate 1,719: -7%), 1,853-1,860 for prefix tuning (1,772: -4.5%) and 1,619-1,659 for QLoRA
-(1,408: -13% to -15%); mallinfo2 at QLoRA's peak shows ~370 MB of free heap chunks, resident.
-With ``MALLOC_MMAP_THRESHOLD_=131072`` (a fixed threshold: large tensors are unmapped when
-freed) the peaks are 1,640 (LoRA) and 1,344 (QLoRA), and this estimate is 5% above both.
+The allocator. Every allocation is counted at glibc's chunk size with a *fixed* 128 KiB mmap
+threshold: larger tensors get their own pages and give them back when freed. That is the heap
+``peftkit train --quantize`` runs with (:mod:`peftkit.train.alloc` fixes the threshold, because
+a quantised base fragments glibc's default heap badly). glibc's default instead raises the
+threshold to the size of each freed temporary (up to 32 MiB), after which smaller tensors share
+the brk heap, where the holes left by freed temporaries stay resident: on SmolLM2-135M, QLoRA
+r8 q,v, batch 4x128, the live tensors peak at the same 847 MiB under both (this estimate's
+activations: 846 MiB), but training peaks at 1,614-1,690 MiB by default against 1,340-1,347 MiB
+with the fixed threshold (estimate: 1,408), and between steps the default keeps ~650 MiB of free
+heap resident (mallinfo2). Without ``--quantize`` peftkit train leaves glibc's default alone,
+and this estimate is 4-8% under the measured peak of LoRA and prefix tuning (BENCHMARKS.md,
+"Memory estimate (issue 7)", has the figures of the current code).
 """
 from __future__ import annotations
 
@@ -452,4 +456,7 @@ def _run(args) -> int:
         print(f"{os.path.basename(path.rstrip('/'))}, {args.method}, batch {args.batch_size}x{args.seq_len}"
               + (f", {quantize} base" if quantize else ""))
         print(est.table())
+        if quantize:
+            print("(heap as `peftkit train --quantize` sets it: mmap threshold fixed at 128 KiB; with "
+                  "--malloc-defaults glibc keeps freed holes resident and the peak is higher, see docs/scale.md)")
     return 0
