@@ -219,7 +219,8 @@ class PeftModel(nn.Module):
         with weights_from_checkpoint():
             self.add_adapter(adapter_name, config)
         try:
-            apply_plan(_plan(self.base_model, adapter_name, tensors, folder), source=tensors, frozen=not is_trainable)
+            plan = _plan(self.base_model, adapter_name, tensors, folder)
+            apply_plan(plan, source=tensors, frozen=not is_trainable)
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
             raise
@@ -238,7 +239,8 @@ class PeftModel(nn.Module):
         with weights_from_checkpoint():
             peft_model = cls(model, config, adapter_name)
         try:
-            apply_plan(_plan(peft_model.base_model, adapter_name, tensors, folder), source=tensors, frozen=not is_trainable)
+            plan = _plan(peft_model.base_model, adapter_name, tensors, folder)
+            apply_plan(plan, source=tensors, frozen=not is_trainable)
         except BaseException:
             peft_model.base_model.unload()
             raise

@@ -195,8 +195,9 @@ def write_safetensors(path, entries, pad=0):
 def test_reader_handles_unaligned_tensors(tmp_path):
     a = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     b = torch.tensor([1.5, -2.0], dtype=torch.float16)
-    write_safetensors(tmp_path / WEIGHTS_NAME, [("flag", "U8", [1], b"\x07"), ("a", "F32", [2, 3], a.numpy().tobytes()),
-                                                ("b", "F16", [2], b.numpy().tobytes()), ("s", "I64", [], struct.pack("<q", -3))])
+    entries = [("flag", "U8", [1], b"\x07"), ("a", "F32", [2, 3], a.numpy().tobytes()),
+               ("b", "F16", [2], b.numpy().tobytes()), ("s", "I64", [], struct.pack("<q", -3))]
+    write_safetensors(tmp_path / WEIGHTS_NAME, entries)
     got = load_tensors(str(tmp_path))
     assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
     assert got["flag"].tolist() == [7] and got["s"].item() == -3 and got["s"].shape == ()
