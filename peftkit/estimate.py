@@ -285,6 +285,10 @@ def _live_peak(events: list) -> int:
     return peak
 
 
+#: 16-bit storage modes (peftkit.quant.half): no bitsandbytes, widened one layer at a time
+_HALF = ("bf16", "fp16")
+
+
 def _quantized_bytes(linear: nn.Linear, mode: str, double_quant: bool) -> int:
     n = linear.in_features * linear.out_features
     bias = linear.out_features * 4 if linear.bias is not None else 0
@@ -294,6 +298,8 @@ def _quantized_bytes(linear: nn.Linear, mode: str, double_quant: bool) -> int:
         return -(-n // 2) + scales + bias
     if mode in ("8bit", "int8-ao"):
         return n + 4 * linear.out_features + bias
+    if mode in _HALF:  # peftkit.quant.half: 16-bit storage, bias kept as it was
+        return 2 * n + bias
     raise ValueError(f"unknown quantisation mode {mode!r}")
 
 
@@ -392,7 +398,7 @@ def estimate_memory(model_or_config: Any, method: Union[str, Any], batch_shape: 
     for key in own:  # weights saved for backward are counted above
         saved.pop(key, None)
     del pm, model, trainable
-    if quantize and runtime_bytes is None:
+    if quantize and quantize not in _HALF and runtime_bytes is None:
         try:  # the training process imports it to quantise (its native library: ~40 MB here)
             import bitsandbytes  # noqa: F401
         except Exception:  # not installed: training would fail anyway, the estimate still helps
@@ -415,7 +421,8 @@ def estimate_memory(model_or_config: Any, method: Union[str, Any], batch_shape: 
     file_bytes = _checkpoint_bytes(model_or_config) or dense
     converted = bool(quantize) or (saved_as is not None and saved_as != dtype)
     biggest = max((m.weight.numel() for m in quantised), default=0)
-    load = runtime + (file_bytes + weights + 12 * biggest if converted else 0)
+    per_weight = 2 if quantize in _HALF else 12  # the 16-bit copy of the layer in hand
+    load = runtime + (file_bytes + weights + per_weight * biggest if converted else 0)
     return MemoryEstimate(runtime=runtime, weights=weights, adapter=adapter, gradients=adapter,
                           optimizer=optim, activations=activations, trainable_params=n_train,
                           saved=sum(saved.values()), load_peak=load)
@@ -431,7 +438,7 @@ def register(subparsers) -> None:
     p.add_argument("--target-modules", nargs="+", default=None, help="LoRA targets (default q_proj v_proj)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--quantize", choices=["4bit", "nf4", "fp4", "8bit"], default=None)
+    p.add_argument("--quantize", choices=["4bit", "nf4", "fp4", "8bit", "bf16", "fp16"], default=None)
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 base weights")
     p.add_argument("--optim", "--optimizer", dest="optimizer", default="adamw",
                    choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd"],

@@ -254,8 +254,10 @@ def test_trained_adapter_loads_in_hugging_face_peft(trained, model_dir):
             assert not torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
 
 
-def test_quantize_4bit_trains_a_qlora_adapter(model_dir, datasets, tmp_path):
-    pytest.importorskip("bitsandbytes")
-    assert train(model_dir, tmp_path, "--data", datasets["text"], "--max-steps", "2", "--quantize", "4bit") == 0
+@pytest.mark.parametrize("mode", ["4bit", "bf16"])
+def test_quantize_trains_an_adapter_on_a_packed_base(mode, model_dir, datasets, tmp_path):
+    if mode == "4bit":
+        pytest.importorskip("bitsandbytes")
+    assert train(model_dir, tmp_path, "--data", datasets["text"], "--max-steps", "2", "--quantize", mode) == 0
     b = [t for k, t in adapter_tensors(tmp_path / "adapter").items() if "lora_B" in k]
     assert b and all(t.abs().sum() > 0 for t in b)

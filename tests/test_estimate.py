@@ -169,3 +169,20 @@ def test_gradient_checkpointing_saves_less(method):
     ckpt = estimate_memory(cfg, method, (2, 32), gradient_checkpointing=True, runtime_bytes=0)
     assert ckpt.saved < full.saved and ckpt.activations < full.activations
     assert ckpt.activations >= ckpt.saved + 2 * 2 * 32 * cfg.vocab_size * 4
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (4, 64)])
+def test_bf16_storage_weights_and_activations_match_a_real_run(shape):
+    """16-bit storage (quantize="bf16"): the weights are the real model's bytes exactly, and the
+    meta trace's live peak (the widened fp32 copy of one layer at a time included) equals a real
+    CPU run's."""
+    from peftkit.quant import quantize_model
+
+    model = tiny_llama()
+    est = estimate_memory(model, "lora", shape, quantize="bf16", runtime_bytes=0)
+    quantize_model(model, "bf16")
+    real = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    assert est.weights == real
+    pm = get_peft_model(model, method_config("lora"))
+    ids = torch.randint(2, 128, shape, generator=torch.Generator().manual_seed(0))
+    assert est.activations == _real_trace_peak(pm, ids)

@@ -34,8 +34,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-fraction", type=float, default=0.0, help="share of --data held out when no --eval-data")
     g.add_argument("--output", "-o", default="peftkit-run", help="run folder: adapter/, checkpoints/, loss.png, metrics.json")
     g.add_argument("--dtype", default="float32", help="model weights dtype (float32, bfloat16)")
-    g.add_argument("--quantize", choices=["4bit", "nf4", "fp4", "8bit"],
-                   help="freeze the base in bitsandbytes 4-bit (NF4) or 8-bit and train the adapter on top (QLoRA)")
+    g.add_argument("--quantize", choices=["4bit", "nf4", "fp4", "8bit", "bf16", "fp16"],
+                   help="freeze the base in bitsandbytes 4-bit (NF4) or 8-bit and train the adapter on top "
+                        "(QLoRA), or store its linear weights in 16 bits with fp32 products (bf16/fp16: "
+                        "half the weight memory, fast on CPUs without bf16 units)")
     g.add_argument("--malloc-defaults", action="store_true",
                    help="with --quantize, keep glibc's dynamic mmap threshold instead of fixing it at 128 KiB: "
                         "faster steps (about a third less CPU on SmolLM2 QLoRA) but a higher peak that peftkit "
