@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .config import PeftConfig, TaskType
+from .config import PeftConfig, PeftType, TaskType
 from .core.host import AdapterHost
 from .core.method import weights_from_checkpoint
 from .core.prompt import PromptHost, is_prompt_config
@@ -70,6 +70,19 @@ class PeftModel(nn.Module):
         """The active adapter's name (a list when several are active)."""
         a = self.base_model.active_adapters
         return a[0] if len(a) == 1 else list(a)
+
+    @property
+    def peft_type(self):
+        """The active adapter's method (``PeftType``), as Hugging Face PEFT's attribute."""
+        a = self.base_model.active_adapters
+        t = self.peft_config[a[0] if a else next(iter(self.peft_config))].peft_type
+        return PeftType(t) if t in PeftType._value2member_map_ else t  # peftkit-only methods: their name
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """Names of the modules kept as trainable full copies by any adapter (None if none)."""
+        names = {m for c in self.peft_config.values() for m in (getattr(c, "modules_to_save", None) or ())}
+        return names or None
 
     # ----- running --------------------------------------------------------------------
     def _routing(self, adapter_names: Optional[list[str]], reuse: bool = False):

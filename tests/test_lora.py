@@ -345,3 +345,15 @@ def test_paths_may_be_pathlib(tmp_path):
     again.load_adapter(tmp_path / "a", "second")
     again.set_adapter("second")
     torch.testing.assert_close(output_of(again, batch), want, rtol=0, atol=0)
+
+
+def test_peft_type_and_modules_to_save_attributes_as_in_peft():
+    import peft
+
+    for lib in (peft, __import__("peftkit")):
+        base, _ = build("llama")
+        m = lib.get_peft_model(base, lib.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        assert str(m.peft_type.value) == "LORA"
+        assert m.modules_to_save == {"lm_head"}
+        base, _ = build("llama")
+        assert lib.get_peft_model(base, lib.LoraConfig(r=4, target_modules=["q_proj"])).modules_to_save is None
