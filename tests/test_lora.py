@@ -357,3 +357,23 @@ def test_peft_type_and_modules_to_save_attributes_as_in_peft():
         assert m.modules_to_save == {"lm_head"}
         base, _ = build("llama")
         assert lib.get_peft_model(base, lib.LoraConfig(r=4, target_modules=["q_proj"])).modules_to_save is None
+
+
+def test_training_under_autocast_works_and_matches_the_model_without_the_in_place_path():
+    """Trainer(bf16=True) trains under autocast: the products then run in bf16 while the adapter
+    stays fp32, so the in-place path must step aside (the general path lets autocast cast)."""
+    base, _ = build("llama")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    ids = torch.randint(2, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    for site in (m for m in model.modules() if isinstance(m, Site)):
+        site._whole = None  # the general path only
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = model(input_ids=ids, labels=ids).loss
+    assert torch.equal(loss.detach(), again.detach())

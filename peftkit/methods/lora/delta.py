@@ -221,8 +221,8 @@ class LoraLinear(LoraDelta):
                 or base._forward_pre_hooks or _global_hooks()):
             return None
         w = base.weight
-        if x.dtype != w.dtype or self.lora_B.dtype != w.dtype:
-            return None
+        if x.dtype != w.dtype or self.lora_B.dtype != w.dtype or torch.is_autocast_enabled(x.device.type):
+            return None  # under autocast the products' dtype is autocast's, not the weights'
         x2 = x.reshape(-1, x.shape[-1])
         y = F.linear(x2, w, base.bias)
         y.addmm_(F.linear(self.dropout(x2), self.lora_A), self.lora_B.t(), alpha=self.scaling)
