@@ -463,7 +463,7 @@ def _run(args) -> int:
         print(f"{os.path.basename(path.rstrip('/'))}, {args.method}, batch {args.batch_size}x{args.seq_len}"
               + (f", {quantize} base" if quantize else ""))
         print(est.table())
-        if quantize:
+        if quantize and quantize not in _HALF:
             print("(heap as `peftkit train --quantize` sets it: mmap threshold fixed at 128 KiB; with "
                   "--malloc-defaults glibc keeps freed holes resident and the peak is higher, see docs/scale.md)")
     return 0

@@ -103,9 +103,11 @@ class _Stop(Exception):
 
 
 @pytest.mark.parametrize("argv, expected", [(["--quantize", "4bit"], 1), (["--quantize", "8bit"], 1), ([], 0),
-                                            (["--quantize", "nf4", "--malloc-defaults"], 0)])
+                                            (["--quantize", "nf4", "--malloc-defaults"], 0),
+                                            (["--quantize", "bf16"], 0)])
 def test_train_sets_it_only_for_quantised_bases(monkeypatch, argv, expected):
-    """`peftkit train` calls it first thing with --quantize (unless --malloc-defaults), never otherwise."""
+    """`peftkit train` calls it first thing with a bitsandbytes --quantize mode (unless
+    --malloc-defaults), never otherwise (16-bit storage was measured with glibc's default heap)."""
     from peftkit.train import command, loop
     from peftkit.train.options import add_train_arguments, parse_train_args
 

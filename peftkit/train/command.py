@@ -141,7 +141,8 @@ def run(args) -> int:
     from .loop import enable_checkpointing, make_trainer, plot_losses, set_threads
 
     t0 = time.time()
-    if getattr(args, "quantize", None) and not getattr(args, "malloc_defaults", False):
+    if (getattr(args, "quantize", None) not in (None, "bf16", "fp16")  # bitsandbytes modes only
+            and not getattr(args, "malloc_defaults", False)):
         # before any tensor exists: a quantised base fragments glibc's heap (see alloc.py)
         from .alloc import limit_heap_fragmentation
 

@@ -39,7 +39,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "(QLoRA), or store its linear weights in 16 bits with fp32 products (bf16/fp16: "
                         "half the weight memory, fast on CPUs without bf16 units)")
     g.add_argument("--malloc-defaults", action="store_true",
-                   help="with --quantize, keep glibc's dynamic mmap threshold instead of fixing it at 128 KiB: "
+                   help="with a bitsandbytes --quantize mode (4bit/nf4/fp4/8bit), keep glibc's dynamic mmap threshold "
+                        "instead of fixing it at 128 KiB: "
                         "faster steps (about a third less CPU on SmolLM2 QLoRA) but a higher peak that peftkit "
                         "estimate does not predict (see peftkit/train/alloc.py; MALLOC_* variables also win)")
     g.add_argument("--max-length", type=int, default=512, help="tokens per example; longer ones are cut")

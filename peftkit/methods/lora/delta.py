@@ -42,6 +42,16 @@ from ...core.method import Delta, new_parameter, new_weight
 from ...quant.backend import dequantize
 
 
+def _autocasting(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for types autocast does not know: meta)."""
+    if device_type == "meta":
+        return False
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _global_hooks() -> bool:
     """Whether global module hooks are registered (calling a layer would run them)."""
     m = nn.modules.module
@@ -221,7 +231,7 @@ class LoraLinear(LoraDelta):
                 or base._forward_pre_hooks or _global_hooks()):
             return None
         w = base.weight
-        if x.dtype != w.dtype or self.lora_B.dtype != w.dtype or torch.is_autocast_enabled(x.device.type):
+        if x.dtype != w.dtype or self.lora_B.dtype != w.dtype or _autocasting(x.device.type):
             return None  # under autocast the products' dtype is autocast's, not the weights'
         x2 = x.reshape(-1, x.shape[-1])
         y = F.linear(x2, w, base.bias)
