@@ -92,6 +92,15 @@ FAMILIES = {
 }
 
 
+def perturb(model: torch.nn.Module, seed: int = 7) -> None:
+    """Give every trainable tensor non-trivial values (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
 def inputs_for(model, batch: int = 2, seq: int = 8, seed: int = 1) -> dict:
     """A batch of model inputs (decoder inputs too for encoder-decoders)."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import inputs_for, output_of, tiny_llama
+from conftest import inputs_for, output_of, perturb, tiny_llama
 import peftkit
 from peftkit.io.checkpoint import CheckpointError
 
@@ -27,15 +27,6 @@ LORA_CASES = {
     "bias_all": dict(r=2, lora_alpha=4, target_modules=["o_proj"], bias="all"),
 }
 MODEL_KW = {"bias_all": dict(attention_bias=True)}  # biases to train
-
-
-def _perturb(model: torch.nn.Module, seed: int = 7) -> None:
-    """Give every trainable tensor non-trivial values (as after training)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _assert_same_dict(ours: dict, theirs: dict) -> None:
@@ -58,7 +49,7 @@ def test_state_dict_round_trip_matches_peft(case, tmp_path):
     kw, mkw = LORA_CASES[case], MODEL_KW.get(case, {})
     batch = inputs_for(tiny_llama())
     theirs = peft.get_peft_model(tiny_llama(**mkw), peft.LoraConfig(**kw)).eval()
-    _perturb(theirs)
+    perturb(theirs)
     sd = peft.get_peft_model_state_dict(theirs)
     ours = peftkit.get_peft_model(tiny_llama(**mkw), peftkit.LoraConfig(**kw)).eval()
     before = output_of(ours, batch)
@@ -80,7 +71,7 @@ def test_state_dict_prompt_tuning_matches_peft():
     kw = dict(task_type="CAUSAL_LM", num_virtual_tokens=4)
     batch = inputs_for(tiny_llama())
     theirs = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(**kw)).eval()
-    _perturb(theirs)
+    perturb(theirs)
     sd = peft.get_peft_model_state_dict(theirs)
     assert list(sd) == ["prompt_embeddings"]
     ours = peftkit.get_peft_model(tiny_llama(), peftkit.PromptTuningConfig(**kw)).eval()
@@ -156,7 +147,7 @@ def test_unknown_adapter_and_wrong_model():
 # ----- load_peft_weights -------------------------------------------------------------------
 def test_load_peft_weights_safetensors_bin_and_key_mapping(tmp_path):
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
-    _perturb(theirs)
+    perturb(theirs)
     theirs.save_pretrained(tmp_path / "st")
     _assert_same_dict(peftkit.load_peft_weights(tmp_path / "st", device="cpu"),
                       peft.load_peft_weights(str(tmp_path / "st"), device="cpu"))
@@ -190,7 +181,7 @@ def test_inject_matches_get_peft_model_and_peft():
     # keys as PEFT spells them for an injected model: no base_model.model. prefix
     ours_sd = peftkit.get_peft_model_state_dict(plain)
     theirs_model = peft.inject_adapter_in_model(peft.LoraConfig(**cfg), tiny_llama())
-    _perturb(theirs_model)
+    perturb(theirs_model)
     theirs_sd = peft.get_peft_model_state_dict(theirs_model)
     assert sorted(ours_sd) == sorted(theirs_sd)
     assert sorted(ours_sd) == sorted(k[len("base_model.model."):] for k in peftkit.get_peft_model_state_dict(wrapped))
@@ -246,7 +237,7 @@ def test_inject_refuses_prompt_methods_and_peft_models():
 def _saved_adapter(tmp_path, base_path: str, task_type="CAUSAL_LM"):
     ours = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                     task_type=task_type)).eval()
-    _perturb(ours)
+    perturb(ours)
     adapter = tmp_path / "adapter"
     ours.save_pretrained(str(adapter))
     cfg_file = adapter / "adapter_config.json"
@@ -288,7 +279,7 @@ def test_auto_peft_model_uses_peft_auto_mapping(tmp_path):
     base_dir = tmp_path / "base"
     LlamaModel(tiny_llama().config).save_pretrained(base_dir)
     theirs = peft.get_peft_model(LlamaModel.from_pretrained(base_dir), peft.LoraConfig(r=4, target_modules=["q_proj"]))
-    _perturb(theirs)
+    perturb(theirs)
     theirs.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["auto_mapping"]
     loaded = peftkit.AutoPeftModel.from_pretrained(str(tmp_path / "adapter"), base_model_name_or_path=str(base_dir))
@@ -307,7 +298,7 @@ def test_auto_sequence_classification_and_grown_tokenizer(tmp_path):
     LlamaForSequenceClassification(tiny_llama(num_labels=3, pad_token_id=0).config).save_pretrained(base_dir)
     ours = peftkit.get_peft_model(LlamaForSequenceClassification.from_pretrained(base_dir),
                                   peftkit.LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS")).eval()
-    _perturb(ours)
+    perturb(ours)
     adapter = tmp_path / "adapter"
     ours.save_pretrained(str(adapter))
     vocab = {f"t{i}": i for i in range(140)}  # 12 more tokens than the base's 128 embeddings

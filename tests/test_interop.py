@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import inputs_for, output_of, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import inputs_for, output_of, perturb, tiny_bert_cls, tiny_gpt2, tiny_llama
 import peftkit
 
 peft = pytest.importorskip("peft")
@@ -31,21 +31,12 @@ CASES = {
 }
 
 
-def _perturb(model: torch.nn.Module, seed: int = 7) -> None:
-    """Give every trainable tensor non-trivial values (as after training)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_loads_in_peftkit(case, tmp_path):
     factory, kw = CASES[case]
     batch = inputs_for(factory())
     theirs = peft.get_peft_model(factory(), peft.LoraConfig(**kw)).eval()
-    _perturb(theirs)
+    perturb(theirs)
     expected = output_of(theirs, batch)
     theirs.save_pretrained(tmp_path)
     ours = peftkit.PeftModel.from_pretrained(factory(), str(tmp_path)).eval()
@@ -60,7 +51,7 @@ def test_peftkit_saved_loads_in_peft(case, tmp_path):
     factory, kw = CASES[case]
     batch = inputs_for(factory())
     ours = peftkit.get_peft_model(factory(), peftkit.LoraConfig(**kw)).eval()
-    _perturb(ours)
+    perturb(ours)
     expected = output_of(ours, batch)
     ours.save_pretrained(str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(factory(), str(tmp_path)).eval()
@@ -80,9 +71,9 @@ def test_peftkit_saved_loads_in_peft(case, tmp_path):
 def test_multiple_adapters_round_trip_subfolders(tmp_path):
     ours = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=4, target_modules=["q_proj"]))
     ours.add_adapter("other", peftkit.LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
-    _perturb(ours)
-    ours.set_adapter("other")  # _perturb touched only the active adapter's tensors; do both
-    _perturb(ours, seed=3)
+    perturb(ours)
+    ours.set_adapter("other")  # perturb touched only the active adapter's tensors; do both
+    perturb(ours, seed=3)
     ours.save_pretrained(str(tmp_path))
     assert os.path.isfile(tmp_path / "other" / "adapter_model.safetensors")
     batch = inputs_for(tiny_llama())
