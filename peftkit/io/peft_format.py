@@ -101,8 +101,8 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
     missing = [k for k in expected if k not in seen]
     if missing:
         raise CheckpointError(
-            f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all). The file "
-            "is incomplete or belongs to a different configuration."
+            f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all). The "
+            "checkpoint is incomplete or belongs to a different configuration."
         )
     return plan
 

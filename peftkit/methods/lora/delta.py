@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.method import Delta, new_parameter, new_weight
+from ...core.method import Delta, new_parameter
 from ...quant.backend import dequantize
 
 
@@ -261,8 +261,8 @@ class LoraEmbedding(LoraDelta):
     def __init__(self, num_embeddings: int, embedding_dim: int, base: nn.Embedding, **kw):
         kw["dropout"] = 0.0
         super().__init__(**kw)
-        self.lora_embedding_A = nn.Parameter(new_weight(self.r, num_embeddings))
-        self.lora_embedding_B = nn.Parameter(new_weight(embedding_dim, self.r))
+        self.lora_embedding_A = new_parameter(self.r, num_embeddings)
+        self.lora_embedding_B = new_parameter(embedding_dim, self.r)
         self._embed_kw = dict(padding_idx=base.padding_idx, max_norm=base.max_norm,
                               norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
                               sparse=base.sparse)
@@ -298,8 +298,8 @@ class LoraConv(LoraDelta):
         ones = (1,) * (base.weight.dim() - 2)
         self._conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
         self._conv_kw = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
-        self.lora_A = nn.Parameter(new_weight(self.r, base.in_channels, *base.kernel_size))
-        self.lora_B = nn.Parameter(new_weight(base.out_channels, self.r, *ones))
+        self.lora_A = new_parameter(self.r, base.in_channels, *base.kernel_size)
+        self.lora_B = new_parameter(base.out_channels, self.r, *ones)
 
     def lora(self, x):
         return self._conv(self._conv(x, self.lora_A, **self._conv_kw), self.lora_B)
