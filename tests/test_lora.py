@@ -330,6 +330,35 @@ def test_in_place_site_path_matches_reference_math_and_keeps_hooks(hooked):
         torch.testing.assert_close(model(x), ref.detach(), rtol=0, atol=1e-6)
 
 
+def test_in_place_site_path_on_gpt2_conv1d_equals_the_general_path():
+    """GPT-2's Conv1D (weight in x out) takes the in-place path too: output and gradients equal the
+    general path's (the layer called, then the update added out of place)."""
+    base, cfg = build("gpt2", init=False)
+    model = get_peft_model(base, cfg).eval()  # eval: GPT-2's own dropout would differ between runs
+    sites = [m for m in model.modules() if isinstance(m, Site)]
+    assert sites and all(s._whole is not None for s in sites)
+    batch = inputs_for(model.get_base_model())
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch).logits
+        out.float().pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    calls = []
+    for s in sites:  # count calls of the layers themselves (a hook would switch the path off)
+        s.base_layer.forward = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(s.base_layer.forward)
+    fused, fused_grads = run()
+    assert not calls  # the in-place path computed every Conv1D product itself
+    for s in sites:
+        s._whole = None  # the general path
+    general, general_grads = run()
+    assert len(calls) == len(sites)
+    torch.testing.assert_close(fused, general, rtol=0, atol=1e-5)
+    for n in general_grads:
+        torch.testing.assert_close(fused_grads[n], general_grads[n], rtol=1e-5, atol=1e-6)
+
+
 def test_paths_may_be_pathlib(tmp_path):
     """save_pretrained, from_pretrained, load_adapter and LoraConfig.from_pretrained take
     os.PathLike folders as Hugging Face PEFT does, not only str."""

@@ -222,19 +222,22 @@ class LoraLinear(LoraDelta):
     def forward_whole(self, x: torch.Tensor, base: nn.Module) -> Optional[torch.Tensor]:
         """Base product and update together, or None when the Site must call ``base`` itself.
 
-        On a plain ``nn.Linear`` (no hooks that calling it would run, one dtype, plain LoRA) the
-        base output is computed here in 2-D, so the update can be added into it in place with
-        ``addmm_`` also under autograd (the base product never saves its output): training then
-        skips the copy of ``y`` that an out-of-place ``addmm`` makes at every site.
+        On a plain ``nn.Linear`` or transformers' ``Conv1D`` (no hooks that calling it would run,
+        one dtype, plain LoRA) the base output is computed here in 2-D, as the layer itself would,
+        so the update can be added into it in place with ``addmm_`` also under autograd (the base
+        product never saves its output): training then skips the copy of ``y`` that an
+        out-of-place ``addmm`` makes at every site.
         """
-        if (self.magnitude is not None or type(base) is not nn.Linear or base._forward_hooks
-                or base._forward_pre_hooks or _global_hooks()):
+        kind = type(base)
+        conv1d = kind.__name__ == "Conv1D" and kind.__module__ == "transformers.pytorch_utils"
+        if (self.magnitude is not None or not (kind is nn.Linear or (conv1d and self.fan_in_fan_out))
+                or base._forward_hooks or base._forward_pre_hooks or _global_hooks()):
             return None
         w = base.weight
         if x.dtype != w.dtype or self.lora_B.dtype != w.dtype or _autocasting(x.device.type):
             return None  # under autocast the products' dtype is autocast's, not the weights'
         x2 = x.reshape(-1, x.shape[-1])
-        y = F.linear(x2, w, base.bias)
+        y = torch.addmm(base.bias, x2, w) if conv1d else F.linear(x2, w, base.bias)  # Conv1D: in x out
         y.addmm_(F.linear(self.dropout(x2), self.lora_A), self.lora_B.t(), alpha=self.scaling)
         return y.view(*x.shape[:-1], y.shape[-1])
 
