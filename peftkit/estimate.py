@@ -67,6 +67,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .quant.half import HALF_MODES as _HALF  # 16-bit storage: no bitsandbytes, widened per layer
+
 _MIB = 1 << 20
 
 
@@ -284,9 +286,6 @@ def _live_peak(events: list) -> int:
             cur -= live.pop(ev[1], 0)
     return peak
 
-
-#: 16-bit storage modes (peftkit.quant.half): no bitsandbytes, widened one layer at a time
-_HALF = ("bf16", "fp16")
 
 
 def _quantized_bytes(linear: nn.Linear, mode: str, double_quant: bool) -> int:

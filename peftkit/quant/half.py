@@ -32,6 +32,8 @@ from torch import nn
 from .backend import QuantBackend, register_backend
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the 16-bit storage modes (no bitsandbytes involved)
+HALF_MODES = tuple(_DTYPES)
 
 
 class _WidenedLinear(torch.autograd.Function):
@@ -40,7 +42,6 @@ class _WidenedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(weight)
-        ctx.bias_shape = None if bias is None else bias.shape
         return F.linear(x, weight.to(x.dtype), bias)
 
     @staticmethod
@@ -87,7 +88,7 @@ class HalfStorage(QuantBackend):
     """Backend for :class:`HalfLinear`: 16-bit storage, compute in the input's dtype."""
 
     name = "16-bit storage (peftkit)"
-    modes = ("bf16", "fp16")
+    modes = HALF_MODES
 
     def handles(self, module: nn.Module) -> bool:
         return isinstance(module, HalfLinear)

@@ -140,8 +140,10 @@ def run(args) -> int:
     from ..model import get_peft_model
     from .loop import enable_checkpointing, make_trainer, plot_losses, set_threads
 
+    from ..quant.half import HALF_MODES
+
     t0 = time.time()
-    if (getattr(args, "quantize", None) not in (None, "bf16", "fp16")  # bitsandbytes modes only
+    if (getattr(args, "quantize", None) not in (None, *HALF_MODES)  # bitsandbytes modes only
             and not getattr(args, "malloc_defaults", False)):
         # before any tensor exists: a quantised base fragments glibc's heap (see alloc.py)
         from .alloc import limit_heap_fragmentation

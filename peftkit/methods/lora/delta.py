@@ -52,6 +52,11 @@ def _autocasting(device_type: str) -> bool:
         return False
 
 
+def _is_transformers_conv1d(kind: type) -> bool:
+    """Exactly transformers' ``Conv1D`` (a subclass may compute something else)."""
+    return kind.__name__ == "Conv1D" and kind.__module__ == "transformers.pytorch_utils"
+
+
 def _global_hooks() -> bool:
     """Whether global module hooks are registered (calling a layer would run them)."""
     m = nn.modules.module
@@ -229,8 +234,8 @@ class LoraLinear(LoraDelta):
         out-of-place ``addmm`` makes at every site.
         """
         kind = type(base)
-        conv1d = kind.__name__ == "Conv1D" and kind.__module__ == "transformers.pytorch_utils"
-        if (self.magnitude is not None or not (kind is nn.Linear or (conv1d and self.fan_in_fan_out))
+        conv1d = kind is not nn.Linear and self.fan_in_fan_out and _is_transformers_conv1d(kind)
+        if (self.magnitude is not None or not (kind is nn.Linear or conv1d)
                 or base._forward_hooks or base._forward_pre_hooks or _global_hooks()):
             return None
         w = base.weight
