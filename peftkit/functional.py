@@ -31,8 +31,8 @@ from .config import PeftConfig
 from .core.host import AdapterHost
 from .core.prompt import PromptHost, is_prompt_config
 from .io.checkpoint import CheckpointError, load_tensors
-from .io.peft_format import HOST_PREFIX, PREFIX, adapter_state_dict, apply_plan, load_plan
-from .model import PeftModel
+from .io.peft_format import HOST_PREFIX, PREFIX, adapter_state_dict, apply_plan
+from .model import PeftModel, plan_adapter_load
 
 #: Where :func:`inject_adapter_in_model` keeps the AdapterHost on the user's model. It is stored
 #: in the instance ``__dict__`` directly, not registered as a submodule: the host holds the model,
@@ -183,10 +183,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[s
         tensors[_from_user_key(key, prefix)] = value
     source = "set_peft_model_state_dict"
     try:
-        if isinstance(host, PromptHost):
-            plan = host.load_plan(adapter_name, tensors, source)
-        else:
-            plan = load_plan(host, adapter_name, tensors, source)
+        plan = plan_adapter_load(host, adapter_name, tensors, source)
     except CheckpointError as e:
         if prefix == PREFIX:
             raise

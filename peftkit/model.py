@@ -232,7 +232,7 @@ class PeftModel(nn.Module):
         with weights_from_checkpoint():
             self.add_adapter(adapter_name, config)
         try:
-            plan = _plan(self.base_model, adapter_name, tensors, folder)
+            plan = plan_adapter_load(self.base_model, adapter_name, tensors, folder)
             apply_plan(plan, source=tensors, frozen=not is_trainable)
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
@@ -252,7 +252,7 @@ class PeftModel(nn.Module):
         with weights_from_checkpoint():
             peft_model = cls(model, config, adapter_name)
         try:
-            plan = _plan(peft_model.base_model, adapter_name, tensors, folder)
+            plan = plan_adapter_load(peft_model.base_model, adapter_name, tensors, folder)
             apply_plan(plan, source=tensors, frozen=not is_trainable)
         except BaseException:
             peft_model.base_model.unload()
@@ -274,10 +274,13 @@ class PeftModel(nn.Module):
         hotswap_adapter(self, model_id, adapter_name, **kwargs)
 
 
-def _plan(host, adapter_name, tensors, folder):
+def plan_adapter_load(host, adapter_name, tensors, source):
+    """(destination, tensor) pairs that load ``tensors`` into adapter ``adapter_name`` of ``host``
+    (a prompt method's host or a layer host), checked by name and shape; ``source`` names them in
+    errors."""
     if isinstance(host, PromptHost):
-        return host.load_plan(adapter_name, tensors, folder)
-    return load_plan(host, adapter_name, tensors, folder)
+        return host.load_plan(adapter_name, tensors, source)
+    return load_plan(host, adapter_name, tensors, source)
 
 
 def _no_mixed_prompts(adapter_names) -> None:
