@@ -37,6 +37,7 @@ from torch import nn
 from .config import PeftConfig
 from .core.inject import sites
 from .core.registry import get_method
+from .core.packed import unpack_adapter
 from .io.checkpoint import CheckpointError, load_tensors
 from .io.peft_format import PREFIX
 
@@ -196,6 +197,7 @@ def prepare_for_hotswap(peft_model, target_rank: int, adapter_names: Optional[li
         if str(cfg.peft_type) != "LORA":
             raise ValueError(f"prepare_for_hotswap pads LoRA adapters; {name!r} is {cfg.peft_type}.")
         alphas = {}
+        unpack_adapter(host, name)  # padding replaces the Delta's tensors: packed records cannot grow
         for path, site in sites(host.model):
             delta = site.deltas[name] if name in site.deltas else None
             if delta is None or not _is_lora(delta):

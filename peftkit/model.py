@@ -18,6 +18,7 @@ from torch import nn
 from .config import PeftConfig, PeftType, TaskType
 from .core.host import AdapterHost
 from .core.method import weights_from_checkpoint
+from .core.packed import packed_numel
 from .core.prompt import PromptHost, is_prompt_config
 from .core.site import BASE, adapter_routing
 from .io.checkpoint import WEIGHTS_NAME, atomic_save_tensors, load_tensors
@@ -164,8 +165,9 @@ class PeftModel(nn.Module):
 
     # ----- parameters -------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters), each shared tensor counted once."""
-        trainable = total = 0
+        """(trainable parameters, all parameters), each shared tensor counted once; packed
+        adapters' weights (frozen, held outside any module's parameters) count in the total."""
+        trainable, total = 0, packed_numel(self.base_model)
         seen = set()
         for p in self.parameters():
             if id(p) in seen:
@@ -223,7 +225,10 @@ class PeftModel(nn.Module):
         """Load a saved adapter (peftkit's or Hugging Face PEFT's) under ``adapter_name``.
 
         Weights are read and checked before the model changes; on any mismatch the model is
-        left exactly as it was and the error names the first offending tensor.
+        left exactly as it was and the error names the first offending tensor. An adapter loaded
+        for inference (``is_trainable=False``) is packed when its method allows (plain LoRA on
+        linear layers): its weights stay in the one buffer the file was read into, with a record
+        per layer instead of a module (peftkit/core/packed.py). ``packed=False`` keeps modules.
         """
         config = config or PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
@@ -237,12 +242,14 @@ class PeftModel(nn.Module):
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
             raise
+        _maybe_pack(self.base_model, adapter_name, is_trainable, kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
                         **kwargs: Any) -> "PeftModel":
-        """Wrap ``model`` with the adapter saved in ``model_id`` (a local folder)."""
+        """Wrap ``model`` with the adapter saved in ``model_id`` (a local folder); packed as in
+        :meth:`load_adapter` unless ``is_trainable`` or ``packed=False``."""
         config = config or PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else model_id
@@ -257,6 +264,7 @@ class PeftModel(nn.Module):
         except BaseException:
             peft_model.base_model.unload()
             raise
+        _maybe_pack(peft_model.base_model, adapter_name, is_trainable, kwargs)
         return peft_model
 
     # ----- combining and hot-swapping (peftkit/combine.py, peftkit/hotswap.py) ----------
@@ -281,6 +289,12 @@ def plan_adapter_load(host, adapter_name, tensors, source):
     if isinstance(host, PromptHost):
         return host.load_plan(adapter_name, tensors, source)
     return load_plan(host, adapter_name, tensors, source)
+
+
+def _maybe_pack(host, adapter_name: str, is_trainable: bool, kwargs: dict) -> None:
+    """Pack an adapter loaded for inference (core/packed.py) unless ``packed=False`` was given."""
+    if not is_trainable and kwargs.get("packed", True) and isinstance(host, AdapterHost):
+        host.pack(adapter_name)
 
 
 def _no_mixed_prompts(adapter_names) -> None:

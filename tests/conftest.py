@@ -20,9 +20,9 @@ def tiny_llama(**kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, **kw)
-    return LlamaForCausalLM(cfg).eval()
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **kw})).eval()
 
 
 def tiny_gpt2(**kw):

@@ -19,6 +19,7 @@ import torch
 
 from conftest import VOCAB, tiny_llama
 from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.core.inject import sites
 from peftkit.core.method import Delta
 from peftkit.io.checkpoint import WEIGHTS_NAME, CheckpointError, load_tensors
 from peftkit.methods.lora.delta import LoraLinear
@@ -40,7 +41,10 @@ def saved_adapter(tmp_path, name="a", seed=1):
 
 
 def adapter_params(model, name):
-    return [p for n, p in model.named_parameters() if f".deltas.{name}." in n]
+    """Adapter ``name``'s tensors at every site: its parameters, or for a packed adapter (an
+    inference load, core/packed.py) the views of its packed weights."""
+    return [t for _, site in sites(model.base_model.model) if name in site.deltas
+            for t in site.deltas[name].state_dict(keep_vars=True).values()]
 
 
 def assert_one_allocation(params):
@@ -52,10 +56,13 @@ def assert_one_allocation(params):
     return spans[0][0], spans[-1][1]
 
 
-def test_frozen_load_is_views_of_one_storage(tmp_path):
+@pytest.mark.parametrize("packed", [True, False])
+def test_frozen_load_is_views_of_one_storage(tmp_path, packed):
     folder, base, ids, out = saved_adapter(tmp_path)
-    model = PeftModel.from_pretrained(copy.deepcopy(base), folder, adapter_name="x").eval()
-    model.load_adapter(folder, "y")
+    model = PeftModel.from_pretrained(copy.deepcopy(base), folder, adapter_name="x", packed=packed).eval()
+    model.load_adapter(folder, "y", packed=packed)
+    site = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert sorted(k for k, _ in site.deltas.modules_only()) == ([] if packed else ["x", "y"])
     for name in ("x", "y"):
         params = adapter_params(model, name)
         assert len(params) == 2 * 3 * 2  # A and B at 3 targets in 2 layers

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import FAMILIES, TinyConvNet, inputs_for, output_of
+from conftest import FAMILIES, TinyConvNet, inputs_for, output_of, tiny_llama
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.core.site import Site
 
@@ -406,3 +406,15 @@ def test_training_under_autocast_works_and_matches_the_model_without_the_in_plac
     with torch.autocast("cpu", dtype=torch.bfloat16):
         again = model(input_ids=ids, labels=ids).loss
     assert torch.equal(loss.detach(), again.detach())
+
+
+def test_state_dict_lists_each_adapter_tensor_once():
+    """The Site's cached active Delta (the in-place path) and modules_to_save copy are plain
+    attributes, not child modules: state_dict and named_modules name each tensor once."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    keys = list(model.state_dict())
+    assert len(keys) == len(set(keys))
+    assert not any("._whole." in k or "._replace." in k or "._run" in k for k in keys)
+    assert sum(".deltas.default.lora_A" in k for k in keys) == 2
+    site = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert set(site._modules) == {"base_layer", "deltas"} and site._whole is site.deltas["default"]

@@ -16,6 +16,7 @@ from torch import nn
 from .copies import ModuleCopy
 from .inject import attach, detach, iter_candidates, no_match_error, sites
 from .method import UnsupportedSite
+from .packed import pack_adapter, unpack_adapter
 from .registry import get_method
 from .site import Site
 
@@ -71,7 +72,7 @@ class AdapterHost(nn.Module):
                 raise no_match_error(config, self.model)
             for path, module in targets:
                 base = module.base_layer if isinstance(module, Site) else module
-                if isinstance(module, Site) and any(type(d) is ModuleCopy for d in module.deltas.values()):
+                if isinstance(module, Site) and any(type(d) is ModuleCopy for _, d in module.deltas.modules_only()):
                     raise ValueError(f"{path} is in modules_to_save; it cannot also be an adapter target")
                 try:
                     delta = method.make_delta(config, path, base, adapter_name)
@@ -87,7 +88,8 @@ class AdapterHost(nn.Module):
             for path in self._modules_to_save_paths(config):
                 module = self.model.get_submodule(path)
                 base = module.base_layer if isinstance(module, Site) else module
-                if isinstance(module, Site) and not all(type(d) is ModuleCopy for d in module.deltas.values()):
+                if isinstance(module, Site) and (module.deltas.npacked or not all(
+                        type(d) is ModuleCopy for _, d in module.deltas.modules_only())):
                     raise ValueError(f"{path} is an adapter target; it cannot also be in modules_to_save")
                 attach(self.model, path, adapter_name, ModuleCopy(base))
                 done.append(path)
@@ -111,6 +113,8 @@ class AdapterHost(nn.Module):
 
     def _modules_to_save_paths(self, config) -> list[str]:
         names = getattr(config, "modules_to_save", None) or []
+        if not names:
+            return []
         out = []
         for path, _ in iter_candidates(self.model):
             if any(path == n or path.endswith("." + n) for n in names):
@@ -171,6 +175,16 @@ class AdapterHost(nn.Module):
         else:
             self._apply_trainability()
 
+    # ----- packed adapters (core/packed.py) -------------------------------------------
+    def pack(self, name: str) -> bool:
+        """Keep inference adapter ``name`` as packed records instead of a module per site
+        (False, and nothing changed, when it is not eligible)."""
+        return pack_adapter(self, name)
+
+    def unpack(self, name: str) -> bool:
+        """Give packed adapter ``name`` its own Delta modules again (False: it was not packed)."""
+        return unpack_adapter(self, name)
+
     # ----- merging ------------------------------------------------------------------
     def merge(self, names=None, safe_merge: bool = False) -> None:
         """Merge ``names`` (default: the active adapters) into the base weights."""
@@ -199,6 +213,7 @@ class AdapterHost(nn.Module):
             parent = self.model.get_submodule(parent_path) if parent_path else self.model
             setattr(parent, child, site.base_layer)
         self.peft_config.clear()
+        self.__dict__.pop("_pack_store", None)
         self.active_adapters = []
         self.trainable_base.clear()
         self._params.clear()

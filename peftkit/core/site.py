@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .method import Delta
+from .packed import DeltaDict
 
 BASE = "__base__"  # row name meaning "no adapter" in mixed batches
 
@@ -82,6 +83,9 @@ def adapter_routing(names: Optional[Sequence[str]], reuse: bool = False):
 
 
 def _param_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    for p in module._parameters.values():  # the module's own first: no recursive walk
+        if p is not None and p.is_floating_point():
+            return p.dtype
     for p in module.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -104,13 +108,20 @@ class BaseLayerPassthrough(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
 
+#: Site attributes that cache what the adapters' state implies. They hold references to Deltas
+#: that already are children (under ``deltas``) or views that must not be (packed adapters), so
+#: they are kept out of nn.Module's registries: registering them would list each active Delta
+#: twice in ``state_dict()`` and ``named_modules()``.
+_CACHES = frozenset({"_run", "_pre", "_replace", "_whole", "_views"})
+
+
 class Site(BaseLayerPassthrough):
     """Wraps one targeted module and applies the active adapters' Deltas to its output."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.deltas = nn.ModuleDict()
+        self.deltas = DeltaDict()  # Delta modules and packed adapters (core/packed.py)
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
@@ -120,11 +131,17 @@ class Site(BaseLayerPassthrough):
         #: the one active delta when it can compute base and update together
         #: (``forward_whole``), else None; see :meth:`_refresh`
         self._whole: Optional[Delta] = None
+        #: views over the packed weights of active packed adapters (core/packed.py), kept so
+        #: that refreshing the run list does not rebuild them; only active ones are held
+        self._views: dict[str, Delta] = {}
         #: how many Deltas here are full copies (``modules_to_save``); kept so that walking the
         #: model does not scan every adapter of every site
         self.copies = 0
 
     def __setattr__(self, name, value):
+        if name in _CACHES:  # plain attributes: a cached Delta must not become a child module
+            object.__setattr__(self, name, value)
+            return
         super().__setattr__(name, value)
         if name == "base_layer":  # a plain reference too: skips nn.Module's slow attribute path
             object.__setattr__(self, "_base", value)
@@ -142,8 +159,10 @@ class Site(BaseLayerPassthrough):
         """Detach adapter ``name`` (unmerging it first if it is merged)."""
         if name in self.merged:
             self.unmerge(until=name)
-        self.copies -= bool(self.deltas[name].replaces_base)
+        module = self.deltas._modules.get(name)  # a packed adapter is never a full copy
+        self.copies -= bool(module is not None and module.replaces_base)
         del self.deltas[name]
+        self._views.pop(name, None)
         self.active = [a for a in self.active if a != name]
         self._refresh()
 
@@ -152,20 +171,42 @@ class Site(BaseLayerPassthrough):
         self.active = [n for n in names if n in self.deltas]
         self._refresh()
 
+    def _apply(self, fn, recurse=True):
+        """Convert as nn.Module does, then rebuild the cached run list: its dtypes, and the
+        views over packed weights, belong to the tensors before conversion."""
+        out = super()._apply(fn, recurse)
+        self._views = {}
+        self._refresh()
+        return out
+
+    def train(self, mode: bool = True):
+        """As nn.Module's; views over packed weights (not children) are rebuilt in the new mode."""
+        out = super().train(mode)
+        if self.deltas.npacked:
+            self._views = {}
+            self._refresh()
+        return out
+
+    def _active_delta(self, name: str, views: dict) -> Delta:
+        d = self.deltas._modules.get(name)
+        if d is None:  # packed: reuse this adapter's view if it has one
+            d = views[name] = self._views.get(name) or self.deltas[name]
+        return d
+
     def _refresh(self) -> None:
-        run, pre, replace = [], [], None
+        run, pre, replace, views = [], [], None, {}
         if not self.disabled:
             for n in self.active:
                 if n in self.merged:
                     continue
-                d = self.deltas[n]
+                d = self._active_delta(n, views)
                 if d.replaces_base:
                     replace = d
                 else:
                     run.append((d, _param_dtype(d)))
                     if d.transforms_input:
                         pre.append((d, _param_dtype(d)))
-        self._run, self._pre, self._replace = run, pre, replace
+        self._run, self._pre, self._replace, self._views = run, pre, replace, views
         # A single delta that can run the base product itself (plain LoRA on nn.Linear) gets the
         # call whole: it adds its update in place into a base output it owns, saving a copy.
         whole = run[0][0] if len(run) == 1 and not pre and replace is None else None
@@ -210,7 +251,8 @@ class Site(BaseLayerPassthrough):
                 f"adapters {self.merged} are merged into the base weights; unmerge them "
                 "(model.unmerge_adapter()) before running mixed-adapter batches"
             )
-        groups = [(self.deltas[n], idx) for n, idx in routing.groups(x.device, x.shape[0]).items() if n in self.deltas]
+        groups = [(self._routed(n, routing), idx) for n, idx in routing.groups(x.device, x.shape[0]).items()
+                  if n in self.deltas]
         replacing = [(d, i) for d, i in groups if d.replaces_base]
         if replacing:
             y = self.base_layer(x, *args, **kwargs)
@@ -237,6 +279,18 @@ class Site(BaseLayerPassthrough):
                 part = self._run_delta(d, dt, x[idx], y_rows)
                 out = out.index_copy(0, idx, part)  # row groups are disjoint
         return out
+
+    def _routed(self, name: str, routing: Routing) -> Delta:
+        """Adapter ``name``'s Delta for a mixed batch. A packed adapter's view is kept in the
+        routing block's memo, so each is built once per block and keeps one identity in it."""
+        d = self.deltas._modules.get(name)
+        if d is not None:
+            return d
+        key = ("packed", id(self), name)
+        d = routing.memo.get(key)
+        if d is None:
+            d = routing.memo[key] = self.deltas[name]
+        return d
 
     # ----- merging ------------------------------------------------------------------
     def merge(self, names: Iterable[str], safe_merge: bool = False) -> None:

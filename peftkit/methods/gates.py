@@ -39,6 +39,7 @@ from torch import nn
 
 from ..core.inject import sites
 from ..core.method import Delta, UnsupportedSite
+from ..core.packed import unpack_adapter
 from .bottleneck import BottleneckDelta, block_dims
 
 GATE_KEY = "gate"  # the gate's submodule name inside a GatedDelta (keys ``<path>.gate.weight``)
@@ -125,6 +126,7 @@ def add_gates(model: nn.Module, adapter_name: str) -> int:
     host = _host(model)
     if adapter_name not in getattr(host, "peft_config", {}):
         raise ValueError(f"Unknown adapter {adapter_name!r}; loaded adapters: {sorted(getattr(host, 'peft_config', {}))}")
+    unpack_adapter(host, adapter_name)  # a gate wraps a Delta module: packed records are unpacked
     found = [(path, site) for path, site in sites(host.model) if adapter_name in site.deltas]
     for path, site in found:
         if adapter_name in site.merged:

@@ -249,6 +249,40 @@ class LoraLinear(LoraDelta):
     def factors(self):
         return self.lora_A, self.lora_B
 
+    # ----- packing (core/packed.py): a row is (A offset, B offset, r, in, out), the float s ----
+    pack_width = 5
+
+    def packable(self) -> bool:
+        """Plain LoRA only: DoRA's magnitude and merge state are not packed."""
+        return self.magnitude is None and self._merge_norm is None and not self._forward_hooks
+
+    def pack_tensors(self):
+        return self.lora_A, self.lora_B
+
+    def pack_row(self, offsets):
+        return [offsets[0], offsets[1], self.r, self.lora_A.shape[1], self.lora_B.shape[0]], self.scaling
+
+    def pack_meta(self):
+        return (self.fan_in_fan_out, self.dropout_p)
+
+    @classmethod
+    def from_pack(cls, flat, ints, value, meta):
+        off_a, off_b, r, n_in, n_out = ints
+        view = cls.__new__(cls)
+        Delta.__init__(view)
+        view.__dict__.update(r=r, alpha=value * r, scaling=value, dropout_p=meta[1], use_dora=False,
+                             magnitude=None, _merge_norm=None, fan_in_fan_out=meta[0])
+        view._parameters["lora_A"] = nn.Parameter(flat[off_a:off_a + r * n_in].view(r, n_in), requires_grad=False)
+        view._parameters["lora_B"] = nn.Parameter(flat[off_b:off_b + n_out * r].view(n_out, r), requires_grad=False)
+        return view
+
+    def unpacked(self):
+        own = LoraLinear.from_pack(torch.empty(0), [0, 0, 0, 0, 0], self.scaling, self.pack_meta())
+        own.__dict__.update(r=self.r, alpha=self.alpha, training=self.training)
+        own.lora_A = nn.Parameter(self.lora_A.detach().clone(), requires_grad=False)
+        own.lora_B = nn.Parameter(self.lora_B.detach().clone(), requires_grad=False)
+        return own
+
     def weight_2d(self, base):
         w = dequantize(base)  # the dense weight behind a quantised base (DoRA's norms); else base.weight
         return w.T if self.fan_in_fan_out else w
