@@ -65,6 +65,7 @@ class AdapterHost(nn.Module):
         method = get_method(config.peft_type)
         config = method.prepare(config, self.model)
         done: list[str] = []
+        made: list[Site] = []  # the Sites given a Delta or copy, for the parameter list below
         try:
             targets = [(p, m) for p, m in iter_candidates(self.model)
                        if method.is_target(config, p, m, self.model)]
@@ -83,7 +84,7 @@ class AdapterHost(nn.Module):
                         "exclude_modules so that only supported layers are selected."
                     ) from None
                 _match_device(delta, base)
-                attach(self.model, path, adapter_name, delta)
+                made.append(attach(self.model, path, adapter_name, delta))
                 done.append(path)
             for path in self._modules_to_save_paths(config):
                 module = self.model.get_submodule(path)
@@ -91,7 +92,7 @@ class AdapterHost(nn.Module):
                 if isinstance(module, Site) and (module.deltas.npacked or not all(
                         type(d) is ModuleCopy for _, d in module.deltas.modules_only())):
                     raise ValueError(f"{path} is an adapter target; it cannot also be in modules_to_save")
-                attach(self.model, path, adapter_name, ModuleCopy(base))
+                made.append(attach(self.model, path, adapter_name, ModuleCopy(base)))
                 done.append(path)
             self.peft_config[adapter_name] = config
             method.after_inject(self, config, adapter_name)
@@ -105,7 +106,8 @@ class AdapterHost(nn.Module):
             for p in self.model.parameters():
                 p.requires_grad_(False)
             self._base_frozen = True
-        params = {id(p): p for path in done for p in self.model.get_submodule(path).deltas[adapter_name].parameters()}
+        # read after after_inject, which may wrap the Deltas (gates)
+        params = {id(p): p for site in made for p in site.deltas[adapter_name].parameters()}
         self._params[adapter_name] = list(params.values())
         for p in self._params[adapter_name]:
             p.requires_grad_(False)
@@ -239,7 +241,13 @@ class AdapterHost(nn.Module):
 
 def _match_device(delta: nn.Module, base: nn.Module) -> None:
     """Move ``delta`` to the base layer's device (skipped when already there: ``.to`` is slow)."""
-    for p in base.parameters():
-        if p.device.type != "meta" and any(q.device != p.device for q in delta.parameters()):
-            delta.to(p.device)
+    p = base._parameters.get("weight")  # the usual case, without a walk over the module
+    if p is None:
+        p = next(base.parameters(), None)
+    if p is None or p.device.type == "meta":
         return
+    if p.device.type == "cpu" and not delta._modules and all(
+            q is None or q.device.type == "cpu" for q in delta._parameters.values()):
+        return
+    if any(q.device != p.device for q in delta.parameters()):
+        delta.to(p.device)

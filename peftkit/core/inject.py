@@ -96,7 +96,9 @@ def iter_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     stack = [("", model)]
     while stack:
         prefix, mod = stack.pop()
-        for name, child in reversed(list(mod.named_children())):
+        for name, child in reversed(list(mod._modules.items())):  # named_children, without its memo
+            if child is None:
+                continue
             path = f"{prefix}.{name}" if prefix else name
             yield path, child
             if isinstance(child, Site):

@@ -63,6 +63,11 @@ def _global_hooks() -> bool:
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    """``t`` as a Parameter that does not require grad (nn.Parameter's constructor, minus its checks)."""
+    return torch.Tensor._make_subclass(nn.Parameter, t, False)
+
+
 class LoraDelta(Delta):
     """Shared LoRA/DoRA math; subclasses give the low-rank path and the 2-D weight view."""
 
@@ -272,8 +277,9 @@ class LoraLinear(LoraDelta):
         Delta.__init__(view)
         view.__dict__.update(r=r, alpha=value * r, scaling=value, dropout_p=meta[1], use_dora=False,
                              magnitude=None, _merge_norm=None, fan_in_fan_out=meta[0])
-        view._parameters["lora_A"] = nn.Parameter(flat[off_a:off_a + r * n_in].view(r, n_in), requires_grad=False)
-        view._parameters["lora_B"] = nn.Parameter(flat[off_b:off_b + n_out * r].view(n_out, r), requires_grad=False)
+        base = flat.storage_offset()  # one as_strided per factor: views are built on every switch
+        view._parameters["lora_A"] = _frozen(flat.as_strided((r, n_in), (n_in, 1), base + off_a))
+        view._parameters["lora_B"] = _frozen(flat.as_strided((n_out, r), (r, 1), base + off_b))
         return view
 
     def unpacked(self):
