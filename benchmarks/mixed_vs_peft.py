@@ -3,7 +3,8 @@
     python benchmarks/mixed_vs_peft.py --model smollm2 --rounds 5
 
 A batch of 16 x 64 tokens whose rows use 8 different LoRA r=8 all-linear adapters, no-grad
-forward, against the base model alone and against one active adapter; then 64 rows with 8 vs 64
+forward, against the base model alone and against one active adapter, and the same adapters
+saved and loaded for inference (packed, as a server holds them); then 64 rows with 8 vs 64
 distinct adapters (the cost should barely grow with the number of adapters). peft runs its
 `adapter_names` path (a loop over adapters in every layer); peftkit gathers each row's factors
 and runs two batched products per layer. Ratios are medians (min-max) of per-round ratios.
@@ -38,6 +39,24 @@ def build(lib: str, base, n: int):
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     return model.eval()
+
+
+def packed_copy(model, base):
+    """``model``'s adapters saved and loaded again for inference onto ``base``: packed adapters
+    (peftkit/core/packed.py), as a server holds them."""
+    import tempfile
+
+    import peftkit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        names = list(model.peft_config)
+        model.save_pretrained(tmp)
+        folder = lambda n: tmp if n == "default" else os.path.join(tmp, n)  # noqa: E731
+        out = peftkit.PeftModel.from_pretrained(base, folder(names[0]), adapter_name=names[0])
+        for n in names[1:]:
+            out.load_adapter(folder(n), n)
+    assert all(peftkit.core.packed.is_packed(out.base_model, n) for n in names)
+    return out.eval()
 
 
 def main() -> None:
@@ -76,19 +95,23 @@ def mixed_part(args, base, ids, run, log) -> None:
     n = 8
     names = [f"a{i % n}" for i in range(args.batch)]
     kit, pf, one = build("peftkit", copy.deepcopy(base), n), build("peft", copy.deepcopy(base), n), build("peftkit", copy.deepcopy(base), 1)
+    packed = packed_copy(kit, copy.deepcopy(base))
     fns = {"base": run(base.eval(), ids), "peftkit_one": run(one, ids),
-           "peftkit_mixed": run(kit, ids, names), "peft_mixed": run(pf, ids, names)}
+           "peftkit_mixed": run(kit, ids, names), "peft_mixed": run(pf, ids, names),
+           "packed_mixed": run(packed, ids, names)}
     for f in fns.values():
         f()
     log(f"batch {args.batch}x{args.seq}, {n} adapters")
     times, shares = common.interleave(fns, args.rounds, "base", log=log)
-    del kit, pf, one, fns
+    del kit, pf, one, packed, fns
     print(f"Batch {args.batch} x {args.seq}, {n} LoRA r=8 all-linear adapters, no-grad forward "
           f"(others' CPU median {statistics.median(shares):.0%}):\n")
     print("| what | peftkit | peft |")
     print("| --- | --- | --- |")
     print(f"| mixed batch / base | {common.ratio_summary(times, 'peftkit_mixed', 'base')} | "
           f"{common.ratio_summary(times, 'peft_mixed', 'base')} |")
+    print(f"| mixed batch, packed adapters (inference loads) / base | "
+          f"{common.ratio_summary(times, 'packed_mixed', 'base')} | |")
     print(f"| one active adapter / base | {common.ratio_summary(times, 'peftkit_one', 'base')} | |")
     print(f"| mixed, peftkit / peft | {common.ratio_summary(times, 'peftkit_mixed', 'peft_mixed')} | |")
 
