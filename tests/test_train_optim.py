@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 
 def test_option_parses_with_adamw_default():
-    assert _parse([]).optim == "adamw" and _parse([]).trainer_optim == "adamw_torch"
+    assert _parse([]).optim == "adamw" and _parse([]).trainer_optim == "adamw_torch_fused"
     with pytest.raises(SystemExit):  # argparse's own "invalid choice"
         _parse(["--optim", "lion"])
 

@@ -207,7 +207,7 @@ def run(args) -> int:
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None, remove_unused_columns=False,
         label_names=["labels"], dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True,
         ddp_find_unused_parameters=False, save_only_model=False, deepspeed=deepspeed_config(args),
-        optim=getattr(args, "trainer_optim", "adamw_torch"),  # --optim, checked in options._checked
+        optim=getattr(args, "trainer_optim", "adamw_torch_fused"),  # --optim, checked in options._checked
     )
     set_threads(args.threads)  # accelerate resets the thread count when it starts a process group
     trainer = make_trainer(peft_model, targs, train_set, eval_set, D.Collator(tokenizer.pad_token_id),
