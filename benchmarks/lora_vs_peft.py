@@ -4,7 +4,8 @@
     python benchmarks/lora_vs_peft.py --model tiny --rounds 9
 
 Measures (see ../shared/BASELINES.md for the method and peft's figures on this machine):
-training step time over the frozen lower bound (forward + backward through activations only),
+training step time over the frozen lower bound (forward + backward through activations only;
+the adapters' step adds torch's fused AdamW for both libraries, ``--optim adamw`` for the loop),
 peak RSS per configuration in a fresh process, no-grad forward overhead over the base model,
 generate() time for 32 tokens, and adapter save / from_pretrained / load_adapter / get_peft_model
 times. Ratios are medians (min-max) of per-round ratios; nothing here is asserted.
@@ -46,24 +47,26 @@ def lower_bound(base):
     return base
 
 
-def make_variant(name: str, base, dropout: float):
-    """Build the model for variant name ('lower', 'full', '<lib>_<cfg>') and its optimizer."""
+def make_variant(name: str, base, dropout: float, optim: str = "fused"):
+    """Build the model for variant name ('lower', 'full', '<lib>_<cfg>') and its optimizer
+    (torch's AdamW, ``fused`` as ``peftkit train`` and Trainer run it, or its per-tensor loop)."""
+    kw = {"fused": True} if optim == "fused" else {}
     if name == "lower":
         return lower_bound(base), None
     if name == "full":
         base.train()
-        return base, torch.optim.AdamW(base.parameters(), lr=1e-5)
+        return base, torch.optim.AdamW(base.parameters(), lr=1e-5, **kw)
     lib, cfg = name.split("_")
     m = wrap(lib, base, cfg, dropout)
     m.train()
-    return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, **kw)
 
 
 def memory_child(args) -> None:
     """In a fresh process: build one variant, reset VmHWM, run steps, print the peak."""
     torch.set_num_threads(args.threads)
     base = common.load_base(args.model)
-    model, opt = make_variant(args.memory_child, base, args.dropout)
+    model, opt = make_variant(args.memory_child, base, args.dropout, args.optim)
     batch = common.batch_for(base, args.batch, args.seq)
     common.print_peak_of(common.train_step(model, batch, opt))
 
@@ -76,6 +79,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--optim", choices=["fused", "adamw"], default="fused",
+                   help="the same for both libraries: torch's fused AdamW (what peftkit train and Trainer use) "
+                        "or AdamW's per-tensor loop (runs before 2026-11-29 11:30 UTC used it)")
     p.add_argument("--skip", nargs="*", default=[], help="sections to skip: train memory infer generate io")
     p.add_argument("--out", help="also write the markdown table here")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -93,7 +99,7 @@ def main() -> None:
 
     if "train" not in args.skip:
         log("training step")
-        built = {n: make_variant(n, copy.deepcopy(base), args.dropout) for n in variants}
+        built = {n: make_variant(n, copy.deepcopy(base), args.dropout, args.optim) for n in variants}
         fns = {n: common.train_step(m, batch, o) for n, (m, o) in built.items()}
         for f in fns.values():  # warm-up
             f()
@@ -104,6 +110,7 @@ def main() -> None:
                          common.ratio_summary(times, f"peft_{cfg}", "lower")))
             rows.append((f"train step peftkit / peft, {label}", common.ratio_summary(times, f"peftkit_{cfg}", f"peft_{cfg}"), ""))
         rows.append(("lower bound step (s)", f"{statistics.median(times['lower']):.3f}", ""))
+        rows.append(("optimizer, both libraries", "fused AdamW" if args.optim == "fused" else "AdamW (loop)", ""))
         del built, fns
 
     if "memory" not in args.skip:
@@ -114,7 +121,8 @@ def main() -> None:
             common.wait_quiet()
             peaks[n] = common.peak_rss_child([here, "--model", args.model, "--threads", str(args.threads),
                                               "--batch", str(args.batch), "--seq", str(args.seq),
-                                              "--dropout", str(args.dropout), "--memory-child", n])
+                                              "--dropout", str(args.dropout), "--optim", args.optim,
+                                              "--memory-child", n])
             log(f"  {n}: {peaks[n]:.0f} MiB")
         rows.append(("peak RSS MiB, lower bound", f"{peaks['lower']:.0f}", ""))
         for cfg, label in (("qv", "LoRA r8 q,v"), ("all", "LoRA r16 all-linear")):

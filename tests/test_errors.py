@@ -188,6 +188,10 @@ def test_already_wrapped_and_duplicate_names():
         model.add_adapter("default", LoraConfig(r=2, target_modules=["v_proj"]))
     with pytest.raises(ValueError, match="Unknown adapter"):
         model.set_adapter("missing")
+    for reserved in ("__base__", "__packs__"):
+        with pytest.raises(ValueError, match="reserved"):
+            model.add_adapter(reserved, LoraConfig(r=2, target_modules=["v_proj"]))
+    assert list(model.peft_config) == ["default"]
 
 
 def test_mergeable_unmerge_of_merged_adapter_on_delete():

@@ -16,9 +16,9 @@ from torch import nn
 from .copies import ModuleCopy
 from .inject import attach, detach, iter_candidates, no_match_error, sites
 from .method import UnsupportedSite
-from .packed import pack_adapter, unpack_adapter
+from .packed import STORE_KEY, pack_adapter, unpack_adapter
 from .registry import get_method
-from .site import Site
+from .site import BASE, Site
 
 
 def _as_list(names: Union[str, Iterable[str]]) -> list[str]:
@@ -62,6 +62,9 @@ class AdapterHost(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name "
                              "or delete_adapter() it first.")
+        if adapter_name in (BASE, STORE_KEY):
+            raise ValueError(f"{adapter_name!r} is reserved ({BASE!r} names the base model in mixed batches, "
+                             f"{STORE_KEY!r} the packed adapters' store); pick another adapter name.")
         method = get_method(config.peft_type)
         config = method.prepare(config, self.model)
         done: list[str] = []

@@ -217,8 +217,8 @@ def pack_adapter(host, name: str) -> bool:
     deltas = [site.deltas._modules.get(name) for _, site in entries]
     if not deltas or any(d is None for d in deltas):
         return False
-    cls = type(deltas[0])
-    if getattr(cls, "pack_width", 0) <= 0 or any(type(d) is not cls or not d.packable() for d in deltas):
+    cls = type(deltas[0])  # a class packs only if it declares pack_width itself (not inherited)
+    if cls.__dict__.get("pack_width", 0) <= 0 or any(type(d) is not cls or not d.packable() for d in deltas):
         return False
     if any(name in site.merged for _, site in entries):
         return False
