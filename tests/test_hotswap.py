@@ -122,6 +122,36 @@ def test_no_recompilation_after_swap(files):
     torch._dynamo.reset()
 
 
+def test_no_recompilation_after_swap_into_a_packed_adapter(files):
+    """An inference load is packed (core/packed.py): its layers run views of one flat tensor,
+    which a swap overwrites in place, so the compiled graph stays valid."""
+    import torch._dynamo
+
+    from peftkit.core.packed import is_packed
+
+    torch._dynamo.reset()
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(len(gm.graph.nodes))
+        return gm.forward
+
+    model = PeftModel.from_pretrained(tiny_llama(), files["first"])
+    assert is_packed(model.base_model, "default")
+    batch = inputs_for(model)
+    compiled = torch.compile(model, backend=counting_backend)
+    with torch.no_grad():
+        compiled(**batch)
+        n = len(compiles)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for which in ("same", "smaller", "subset"):
+                model.hotswap_adapter(files[which])
+                got = compiled(**batch).logits
+                torch.testing.assert_close(got, _fresh(files[which], batch), atol=1e-5, rtol=1e-5)
+    assert len(compiles) == n and is_packed(model.base_model, "default")
+    torch._dynamo.reset()
+
+
 def test_swap_peft_saved_classifier_with_modules_to_save(tmp_path):
     """Adapters written by Hugging Face PEFT (with a trained head in modules_to_save) swap in exactly."""
     import peft
