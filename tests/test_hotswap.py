@@ -95,20 +95,28 @@ def test_prepare_for_hotswap_pads_without_changing_outputs(files, tmp_path):
     torch.testing.assert_close(output_of(model, batch), _fresh(files["larger"], batch), atol=1e-5, rtol=1e-5)
 
 
-def test_no_recompilation_after_swap(files):
+def counting_backend():
+    """(list of compiled graphs' node counts, a torch.compile backend that appends to it)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     compiles = []
 
-    def counting_backend(gm, example_inputs):
+    def backend(gm, example_inputs):
         compiles.append(len(gm.graph.nodes))
         return gm.forward
 
+    return compiles, backend
+
+
+def test_no_recompilation_after_swap(files):
+    import torch._dynamo
+
+    compiles, backend = counting_backend()
     model = PeftModel.from_pretrained(tiny_llama(), files["first"])
     prepare_for_hotswap(model, target_rank=8)
     batch = inputs_for(model)
-    compiled = torch.compile(model, backend=counting_backend)
+    compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         compiled(**batch)
         n = len(compiles)
@@ -129,17 +137,11 @@ def test_no_recompilation_after_swap_into_a_packed_adapter(files):
 
     from peftkit.core.packed import is_packed
 
-    torch._dynamo.reset()
-    compiles = []
-
-    def counting_backend(gm, example_inputs):
-        compiles.append(len(gm.graph.nodes))
-        return gm.forward
-
+    compiles, backend = counting_backend()
     model = PeftModel.from_pretrained(tiny_llama(), files["first"])
     assert is_packed(model.base_model, "default")
     batch = inputs_for(model)
-    compiled = torch.compile(model, backend=counting_backend)
+    compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         compiled(**batch)
         n = len(compiles)
