@@ -172,6 +172,7 @@ class DeltaDict(nn.ModuleDict):
             del self._modules[STORE_KEY]
 
     def keys(self) -> list[str]:  # type: ignore[override]
+        """Adapter names here: Delta modules first, then packed adapters."""
         return [k for k in self._modules if k != STORE_KEY] + self.packed_names()
 
     def __iter__(self) -> Iterator[str]:
@@ -181,9 +182,11 @@ class DeltaDict(nn.ModuleDict):
         return len(self._modules) - (STORE_KEY in self._modules) + self.npacked
 
     def items(self):  # type: ignore[override]
+        """(name, Delta) pairs; packed adapters as new views."""
         return [(k, self[k]) for k in self.keys()]
 
     def values(self):  # type: ignore[override]
+        """The Deltas; packed adapters as new views."""
         return [self[k] for k in self.keys()]
 
     def modules_only(self) -> Iterator[tuple[str, nn.Module]]:
