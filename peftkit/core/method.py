@@ -149,8 +149,8 @@ class Delta(nn.Module):
     transforms_input: ClassVar[bool] = False
     #: Local parameter name -> suffix in Hugging Face PEFT's file (``lora_A.weight`` ...).
     peft_names: ClassVar[dict[str, str]] = {}
-    #: Integers per site in a packed adapter's records; 0: this class cannot be packed
-    #: (core/packed.py). Classes that can implement the ``pack_*`` methods and :meth:`from_pack`.
+    #: Integers per site in a packed adapter's records; 0: this class cannot be packed.
+    #: Classes that can declare it themselves and implement core/packed.py's PackableDelta.
     pack_width: ClassVar[int] = 0
 
     def __init__(self) -> None:
@@ -210,31 +210,9 @@ class Delta(nn.Module):
 
     # ----- packing (core/packed.py) -------------------------------------------------
     def packable(self) -> bool:
-        """Whether this Delta's state is fully described by its :meth:`pack_tensors`,
-        :meth:`pack_row` and :meth:`pack_meta` (so it can be rebuilt by :meth:`from_pack`)."""
+        """Whether this Delta can be stored packed now. Only classes that declare
+        ``pack_width`` and implement :class:`~peftkit.core.packed.PackableDelta` can."""
         return False
-
-    def pack_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The tensors a packed adapter stores for this Delta, in a fixed order."""
-        raise NotImplementedError
-
-    def pack_row(self, offsets: list[int]) -> tuple[list[int], float]:
-        """This site's record: ``pack_width`` integers (the first one >= 0) and one float, given
-        each of :meth:`pack_tensors`' element offsets in the packed flat tensor."""
-        raise NotImplementedError
-
-    def pack_meta(self) -> tuple:
-        """Settings shared by all sites of one adapter (stored once per packed adapter)."""
-        return ()
-
-    @classmethod
-    def from_pack(cls, flat: torch.Tensor, ints: list[int], value: float, meta: tuple) -> "Delta":
-        """A frozen Delta whose tensors are views of ``flat``, from one site's record."""
-        raise NotImplementedError
-
-    def unpacked(self) -> "Delta":
-        """A copy of this (packed view) Delta with parameters of its own."""
-        raise NotImplementedError
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         """This delta's tensors under Hugging Face PEFT's suffixes."""

@@ -26,12 +26,38 @@ every eligible inference load unless given ``packed=False``.
 from __future__ import annotations
 
 from array import array
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Protocol
 
 import torch
 from torch import nn
 
 STORE_KEY = "__packs__"  # the store's key among a DeltaDict's children
+
+
+class PackableDelta(Protocol):
+    """What a Delta class implements to be packed (besides declaring ``pack_width`` > 0)."""
+
+    pack_width: int
+
+    def packable(self) -> bool:
+        """Whether this Delta's state is fully described by the three methods below now."""
+
+    def pack_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors stored for this Delta, in a fixed order."""
+
+    def pack_row(self, offsets: list[int]) -> tuple[list[int], float]:
+        """This site's record: ``pack_width`` integers (the first one >= 0) and one float, given
+        each of :meth:`pack_tensors`' element offsets in the packed flat tensor."""
+
+    def pack_meta(self) -> tuple:
+        """Settings shared by all sites of one adapter (stored once per packed adapter)."""
+
+    @classmethod
+    def from_pack(cls, flat: torch.Tensor, ints: list[int], value: float, meta: tuple) -> nn.Module:
+        """A frozen Delta whose tensors are views of ``flat``, from one site's record."""
+
+    def unpacked(self) -> nn.Module:
+        """A copy of this (packed view) Delta with parameters of its own."""
 
 
 class Pack:

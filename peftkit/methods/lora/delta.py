@@ -262,16 +262,20 @@ class LoraLinear(LoraDelta):
         return self.magnitude is None and self._merge_norm is None and not self._forward_hooks
 
     def pack_tensors(self):
+        """``A`` then ``B``."""
         return self.lora_A, self.lora_B
 
     def pack_row(self, offsets):
+        """(A offset, B offset, r, in, out) and the scale ``s``."""
         return [offsets[0], offsets[1], self.r, self.lora_A.shape[1], self.lora_B.shape[0]], self.scaling
 
     def pack_meta(self):
+        """What every site of one adapter shares: the Conv1D layout flag and the dropout."""
         return (self.fan_in_fan_out, self.dropout_p)
 
     @classmethod
     def from_pack(cls, flat, ints, value, meta):
+        """A frozen LoraLinear over views of ``flat`` (no copy, no autograd state)."""
         off_a, off_b, r, n_in, n_out = ints
         view = cls.__new__(cls)
         Delta.__init__(view)
@@ -283,6 +287,7 @@ class LoraLinear(LoraDelta):
         return view
 
     def unpacked(self):
+        """A LoraLinear with its own (copied) frozen parameters."""
         own = LoraLinear.from_pack(torch.empty(0), [0, 0, 0, 0, 0], self.scaling, self.pack_meta())
         own.__dict__.update(r=self.r, alpha=self.alpha, training=self.training)
         own.lora_A = nn.Parameter(self.lora_A.detach().clone(), requires_grad=False)
