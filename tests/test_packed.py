@@ -222,3 +222,18 @@ def test_per_site_memory_does_not_grow_with_packed_adapters(tmp_path):
     assert per_adapter < n_sites / 2, per_adapter
     for _, site in sites(model.base_model.model):
         assert list(site.deltas._modules) == [STORE_KEY] and len(site._views) == 1  # the active one
+
+
+def test_deepcopy_keeps_one_store_per_copy(two):
+    base, a, b, ids = two
+    model = load_both(base, a, b, True).eval()
+    twin = copy.deepcopy(model)
+    store = twin.base_model._pack_store
+    assert store is not model.base_model._pack_store
+    assert all(site.deltas._modules[STORE_KEY] is store for _, site in sites(twin.base_model.model))
+    assert store.flat("a").data_ptr() != model.base_model._pack_store.flat("a").data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, model(ids).logits, rtol=0, atol=0)
+        twin.delete_adapter("a")
+        model(ids)  # the original keeps both adapters
+    assert sorted(model.peft_config) == ["a", "b"]
