@@ -8,11 +8,11 @@ that holds a hundred frozen adapters of 60 sites each it is 7 MB, 4% of their ow
 - its weights in one flat tensor (the buffer its file was read into, adopted without a copy),
   held by the host's :class:`PackStore`;
 - one row of integers and one float per site in a :class:`Pack` (for LoRA: the offsets of ``A``
-  and ``B`` in the flat tensor, the rank, the in/out sizes, and ``alpha``).
+  and ``B`` in the flat tensor, the rank and the in/out sizes; the float is the scale ``s``).
 
 Each Site's :class:`DeltaDict` answers ``name in site.deltas`` and ``site.deltas[name]`` for
 packed adapters too, building on demand a Delta whose parameters are views of the flat tensor
-(:meth:`Delta.from_pack`). The Site keeps such views only for its active adapters (and a
+(``from_pack`` of :class:`PackableDelta`). The Site keeps such views only for its active adapters (and a
 mixed-batch block keeps those it uses), so the memory held per site does not grow with the
 number of packed adapters. Reads, merges, saves and in-place copies (hot-swap) go through the
 views to the packed weights; operations that would replace a Delta first turn the adapter back
@@ -166,7 +166,10 @@ class DeltaDict(nn.ModuleDict):
 
     def view(self, name: str) -> nn.Module:
         """A Delta over the packed weights of ``name`` (a new object on every call)."""
-        pack, ints, value = self.packed(name)
+        hit = self.packed(name)
+        if hit is None:
+            raise KeyError(name)
+        pack, ints, value = hit
         view = pack.cls.from_pack(self._store().flat(name), ints, value, pack.meta)
         view.__dict__["training"] = self.training  # follows the Site's train()/eval()
         return view
@@ -178,9 +181,7 @@ class DeltaDict(nn.ModuleDict):
     def __getitem__(self, name):
         if name != STORE_KEY and name in self._modules:
             return self._modules[name]
-        if self.npacked and self.packed(name) is not None:
-            return self.view(name)
-        raise KeyError(name)
+        return self.view(name)  # KeyError when not packed here either
 
     def __delitem__(self, name) -> None:
         if name != STORE_KEY and name in self._modules:
@@ -257,10 +258,10 @@ def pack_adapter(host, name: str) -> bool:
     dtype, device = tensors[0].dtype, tensors[0].device
     if any(t.dtype != dtype or t.device != device or t.requires_grad for t in tensors):
         return False
-    flat, offsets = _flatten(tensors)
     meta = deltas[0].pack_meta()
     if any(d.pack_meta() != meta for d in deltas):
         return False
+    flat, offsets = _flatten(tensors)  # last: it may copy
     store = getattr(host, "_pack_store", None)
     if store is None:
         store = PackStore()

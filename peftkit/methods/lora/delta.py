@@ -288,10 +288,11 @@ class LoraLinear(LoraDelta):
 
     def unpacked(self):
         """A LoraLinear with its own (copied) frozen parameters."""
-        own = LoraLinear.from_pack(torch.empty(0), [0, 0, 0, 0, 0], self.scaling, self.pack_meta())
-        own.__dict__.update(r=self.r, alpha=self.alpha, training=self.training)
-        own.lora_A = nn.Parameter(self.lora_A.detach().clone(), requires_grad=False)
-        own.lora_B = nn.Parameter(self.lora_B.detach().clone(), requires_grad=False)
+        a, b = self.lora_A.detach(), self.lora_B.detach()
+        flat = torch.cat([a.reshape(-1), b.reshape(-1)])  # the copy: one new storage for both
+        own = LoraLinear.from_pack(flat, [0, a.numel(), self.r, a.shape[1], b.shape[0]], self.scaling,
+                                   self.pack_meta())
+        own.__dict__.update(alpha=self.alpha, training=self.training)
         return own
 
     def weight_2d(self, base):
