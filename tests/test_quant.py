@@ -113,15 +113,50 @@ def _unguarded_llama():
     return model
 
 
-def test_avx512bf16_trap_is_real_without_guard():
-    """Control: without peftkit's guard, training after one eval forward gets wrong gradients."""
-    pm = get_peft_model(_unguarded_llama(), LoraConfig(r=4, target_modules="all-linear"))
+def _simulated_avx512bf16_llama():
+    """A 4-bit model as bitsandbytes builds it on an AVX512-BF16 CPU: each layer's flag is set at
+    construction (from ``has_avx512bf16()``), so forcing it here is that CPU's state on any CPU."""
+    model = _unguarded_llama()
+    layers = _force_avx512bf16(model)
+    return model, layers
+
+
+def test_avx512bf16_trap_is_real_in_peft():
+    """Control: Hugging Face PEFT on the same model gets wrong gradients after one eval forward."""
+    peft = pytest.importorskip("peft")
+    model, layers = _simulated_avx512bf16_llama()
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
     _randomise_b(pm)
-    layers = _force_avx512bf16(pm)
     g1, g2, packed = _train_eval_train(pm, layers)
     assert packed == len(layers)
     bad = [n for n in g1 if g2[n] is None or _rel(g2[n], g1[n]) > 0.1]
-    assert bad, "the repacking trap did not reproduce; the guard test below would prove nothing"
+    assert bad, "the repacking trap did not reproduce; the guard tests below would prove nothing"
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_get_peft_model_guards_quantised_layers_by_itself(targets):
+    """No prepare_model_for_kbit_training: wrapping alone keeps training after an eval exact,
+    for targeted and untargeted quantised layers alike."""
+    model, layers = _simulated_avx512bf16_llama()
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    _randomise_b(pm)
+    g1, g2, packed = _train_eval_train(pm, layers)
+    assert packed == 0 and _repacked(layers) == 0
+    assert g1 and all(g2[n] is not None and _rel(g2[n], g1[n]) < 1e-6 for n in g1)
+
+
+def test_from_pretrained_trainable_guards_quantised_layers(tmp_path):
+    """PeftModel.from_pretrained(..., is_trainable=True) on a quantised base is guarded too."""
+    from peftkit import PeftModel
+
+    pm = get_peft_model(llama64(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomise_b(pm)
+    pm.save_pretrained(str(tmp_path))
+    model, layers = _simulated_avx512bf16_llama()
+    pm = PeftModel.from_pretrained(model, str(tmp_path), is_trainable=True)
+    g1, g2, packed = _train_eval_train(pm, layers)
+    assert packed == 0
+    assert g1 and all(g2[n] is not None and _rel(g2[n], g1[n]) < 1e-6 for n in g1)
 
 
 @pytest.mark.parametrize("fast_eval", [False, True])

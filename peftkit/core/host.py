@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Union
 
 from torch import nn
 
+from ..quant.prepare import guard_quantized
 from .copies import ModuleCopy
 from .inject import attach, detach, iter_candidates, no_match_error, sites
 from .method import UnsupportedSite
@@ -30,6 +31,7 @@ class AdapterHost(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        guard_quantized(model, only_new=True)  # quantised layers (targeted or not) train correctly
         self.model = model
         self.peft_config: dict = {}
         self.active_adapters: list[str] = []

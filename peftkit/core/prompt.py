@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, PeftConfig, TaskType
+from ..quant.prepare import guard_quantized
 from .copies import ModuleCopy
 from .inject import attach, detach, iter_candidates, sites
 from .method import Method
@@ -186,6 +187,7 @@ class PromptHost(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        guard_quantized(model, only_new=True)  # prompts train through quantised layers too
         self.model = model
         self.prompt_encoder = nn.ModuleDict()
         self.peft_config: dict = {}

@@ -24,8 +24,12 @@ from .backend import backend_for, quantize_linear
 _HOOKED = "_peftkit_quant_guard"
 
 
-def guard_quantized(model: nn.Module, allow_packed_eval: bool = False) -> int:
+def guard_quantized(model: nn.Module, allow_packed_eval: bool = False, only_new: bool = False) -> int:
     """Keep training correct on every quantised layer of ``model``; returns how many were guarded.
+
+    peftkit calls this (with ``only_new=True``) whenever it wraps a model, so a user who never
+    calls :func:`prepare_model_for_kbit_training` is protected too; ``only_new`` leaves layers
+    that an earlier call already guarded as that call set them (``allow_packed_eval`` kept).
 
     Each layer gets a forward pre-hook that lets its backend restore a differentiable layout
     before any forward that needs gradients. With ``allow_packed_eval=False`` (the default),
@@ -36,7 +40,7 @@ def guard_quantized(model: nn.Module, allow_packed_eval: bool = False) -> int:
     n = 0
     for module in model.modules():
         backend = backend_for(module)
-        if backend is None:
+        if backend is None or (only_new and getattr(module, _HOOKED, False)):
             continue
         n += 1
         backend.guard(module, allow_packed_eval)
