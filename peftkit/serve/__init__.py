@@ -1,12 +1,13 @@
 """``peftkit serve``: an OpenAI-compatible HTTP server for one base model and many adapters.
 
 Needs the ``serve`` extra (``pip install peftkit[serve]``: FastAPI and uvicorn). See
-docs/serving.md for usage; engine.py batches requests across adapters, app.py is the HTTP layer,
-cli.py the command.
+docs/serving.md for usage; engine.py owns the model and the queue, continuous.py (default) and
+static.py schedule requests across adapters, rows.py and kvcache.py are their per-row parts,
+app.py is the HTTP layer, cli.py the command.
 """
-from .engine import BASE_NAME, Engine, EngineFull, Job
+from .engine import BASE_NAME, SCHEDULERS, Engine, EngineFull, Job
 
-__all__ = ["BASE_NAME", "Engine", "EngineFull", "Job", "create_app", "Limits"]
+__all__ = ["BASE_NAME", "SCHEDULERS", "Engine", "EngineFull", "Job", "create_app", "Limits"]
 
 
 def __getattr__(name):

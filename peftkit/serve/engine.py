@@ -1,21 +1,27 @@
 """The serving engine: one base model, many adapters, requests batched across adapters.
 
-One worker thread owns the model. HTTP handlers submit :class:`Job` objects to a bounded queue;
-the worker takes the first job, keeps collecting for ``batch_wait_s`` (a few ms) or until
-``max_batch`` jobs, and runs *one* ``generate`` for all of them with ``adapter_names`` set per
-row, so requests for different adapters share every base-model matrix product (the mixed-adapter
-path of :class:`~peftkit.core.site.Site`). Prompts are left-padded; per-row ``max_tokens``, stop
-strings, EOS and client cancellation end rows independently through a stopping criterion that
-also streams each row's new text; per-row temperature and top-p are a logits processor, so one
-batch can mix greedy and sampled requests.
+One worker thread owns the model. HTTP handlers submit :class:`Job` objects to a bounded queue
+and a scheduler runs them with ``adapter_names`` set per row, so requests for different adapters
+(any method that runs in a mixed batch, see :func:`peftkit.core.site.adapter_routing`) share
+every base-model matrix product:
 
-Loading and unloading adapters take the model lock, so they happen between batches; a job whose
-adapter was unloaded while it waited fails alone. Any exception in a batch fails that batch's
-jobs and the worker carries on.
+- ``scheduler="continuous"`` (default, :mod:`.continuous`): iteration-level batching. Queued
+  requests prefill and join the running batch at the next decoding step; finished rows leave at
+  once. The running set is capped by rows (``max_batch``) and reserved tokens
+  (``max_running_tokens``: prompt + ``max_tokens`` per row); the rest wait in the queue.
+- ``scheduler="static"`` (:mod:`.static`): gather for ``batch_wait_s``, run one ``generate``.
+
+Both stream each row's text as it is produced (:mod:`.rows`). A full queue raises
+:class:`EngineFull` with a ``retry_after`` estimate. Loading and unloading adapters take the model
+lock through an admin gate that the worker yields to between steps (continuous) or batches
+(static); a job whose adapter was unloaded fails alone. Any exception in a batch fails that
+batch's jobs and the worker carries on.
 """
 from __future__ import annotations
 
-import queue
+import collections
+import contextlib
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,13 +29,16 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core.site import BASE
-
 BASE_NAME = "base"  # the `model` field that selects no adapter
+SCHEDULERS = ("continuous", "static")
 
 
 class EngineFull(RuntimeError):
-    """The request queue is full; the client should retry later."""
+    """The request queue is full; the client should retry in about ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -72,94 +81,86 @@ class Job:
             self.emit("error", message)
 
 
-class _RowSampling:
-    """Per-row temperature and nucleus (top-p) filtering; temperature 0 rows become greedy."""
-
-    def __init__(self, temps: torch.Tensor, top_ps: torch.Tensor):
-        self.temps, self.top_ps = temps, top_ps
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        greedy = self.temps == 0
-        scores = scores / torch.where(greedy, 1.0, self.temps).unsqueeze(1).to(scores)
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(-1)
-        drop = (probs.cumsum(-1) - probs) > self.top_ps.unsqueeze(1).to(probs)
-        drop[:, 0] = False  # always keep the most likely token
-        drop |= greedy.unsqueeze(1) & (torch.arange(scores.shape[1], device=scores.device) > 0)
-        return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-
-
-class _RowStop:
-    """Called by generate() after every step: records each row's new token, streams its text and
-    tells generate() which rows are finished."""
-
-    def __init__(self, engine: "Engine", jobs: list[Job]):
-        self.engine, self.jobs = engine, jobs
-        self.hold = max((len(s) for j in jobs for s in j.stop), default=1) - 1
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = torch.zeros(len(self.jobs), dtype=torch.bool, device=input_ids.device)
-        last = input_ids[:, -1].tolist()
-        for i, job in enumerate(self.jobs):
-            if job.finished is None:
-                self._step(job, last[i])
-            done[i] = job.finished is not None
-        return done
-
-    def _step(self, job: Job, tok: int) -> None:
-        if job.cancelled.is_set():
-            job.finish("cancelled")
-            return
-        if tok in self.engine.eos_ids:
-            job.finish("stop")
-            return
-        job.tokens.append(tok)
-        text = self.engine.decode(job.tokens)
-        cut = min((text.find(s) for s in job.stop if s in text), default=-1)
-        if cut >= 0:
-            job.text = text[:cut]
-            job.finish("stop")
-            return
-        job.text = text
-        if len(job.tokens) >= job.max_tokens:
-            job.finish("length")
-            return
-        ready = len(text) - self.hold if job.stop else len(text)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            ready = min(ready, len(text) - 1)
-        if ready > job.sent:
-            job.emit("delta", text[job.sent:ready])
-            job.sent = ready
-
-
 class Engine:
-    """Owns the model and the batching worker.
+    """Owns the model, the request queue and the scheduling worker.
 
     Args:
         model: a :class:`~peftkit.PeftModel` or a plain transformers causal LM (it becomes a
             PeftModel when the first adapter is loaded).
         tokenizer: a transformers tokenizer (``encode``, ``decode``, ``eos_token_id``,
             optionally ``pad_token_id`` and ``apply_chat_template``).
-        max_batch: most requests run in one generate call.
-        batch_wait_s: how long the worker waits for more requests after the first.
-        max_queue: pending requests beyond this are refused (:class:`EngineFull`).
+        max_batch: most rows running at once (continuous) or in one generate call (static).
+        batch_wait_s: static only: how long the worker waits for more requests after the first.
+        max_queue: waiting requests beyond this are refused (:class:`EngineFull`).
+        scheduler: ``"continuous"`` (iteration-level batching) or ``"static"``.
+        max_running_tokens: continuous only: most KV positions the running rows may reserve
+            (each reserves its prompt plus ``max_tokens``); default ``max_batch * 1024``. A
+            request larger than this alone still runs, by itself.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 32, batch_wait_s: float = 0.005, max_queue: int = 256):
+    base_name = BASE_NAME
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, batch_wait_s: float = 0.005, max_queue: int = 256,
+                 scheduler: str = "continuous", max_running_tokens: Optional[int] = None):
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}.")
+        for key, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_running_tokens", max_running_tokens)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{key} must be a positive integer, got {v!r}.")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.max_batch, self.batch_wait_s, self.max_queue = max_batch, batch_wait_s, max_queue
+        self.scheduler = scheduler
+        self.max_running_tokens = max_running_tokens or max_batch * 1024
         # name -> folder it came from ("" for adapters the given PeftModel already had)
         self.adapters: dict[str, str] = {n: "" for n in getattr(model, "peft_config", {})}
+        self._epochs: dict[str, int] = {}  # name -> which load of that name (a reload is a new adapter)
         self.lock = threading.Lock()
-        self.queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
+        self.admin_ops = 0  # adapter loads and unloads so far
+        self._admins = 0  # admin operations waiting for or holding the lock
+        self._gate = threading.Condition()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._closing = False
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
-        self.batches = 0  # generate calls so far (for tests and metrics)
-        self.batch_sizes: list[int] = []
-        self._worker = threading.Thread(target=self._loop, name="peftkit-serve-worker", daemon=True)
+        self.batches = 0  # forwards that produced tokens: generate calls (static), steps (continuous)
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)  # their rows, latest
+        self._service_s = 1.0  # moving average of how long a request runs once admitted
+        self._probe_model()
+        from .continuous import ContinuousScheduler
+        from .static import StaticScheduler
+
+        runner = (ContinuousScheduler if scheduler == "continuous" else StaticScheduler)(self)
+        self._worker = threading.Thread(target=self._serve, args=(runner,), name="peftkit-serve-worker", daemon=True)
         self._worker.start()
+
+    # ----- the model ------------------------------------------------------------------
+    def _probe_model(self) -> None:
+        from . import kvcache
+
+        target = self.forward_target()
+        self.device = next(self.model.parameters()).device
+        self.cache_kwarg = kvcache.cache_kwarg(target)
+        import inspect
+
+        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(target.forward).parameters
+
+    def forward_target(self):
+        """The transformers model whose forward the continuous scheduler calls (a PeftModel's
+        adapted base model: routing is set around it)."""
+        get = getattr(self.model, "get_base_model", None)
+        return get() if get is not None and hasattr(self.model, "peft_config") else self.model
+
+    def count_forward(self, rows: int) -> None:
+        """Record one batched forward (or generate call) of ``rows`` rows."""
+        self.batches += 1
+        self.batch_sizes.append(rows)
+
+    def record_service(self, seconds: float) -> None:
+        """Fold one finished request's running time into the Retry-After estimate."""
+        self._service_s = 0.9 * self._service_s + 0.1 * seconds
 
     # ----- text -----------------------------------------------------------------------
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -182,15 +183,39 @@ class Engine:
         """Whether ``name`` can be requested (``"base"`` always can)."""
         return name == BASE_NAME or name in self.adapters
 
+    def epoch(self, name: str) -> int:
+        """Which load of adapter ``name`` is current (rows check it did not change under them)."""
+        return self._epochs.get(name, 0)
+
+    @contextlib.contextmanager
+    def _admin(self):
+        """Hold the model lock for an adapter change; the worker yields to it between steps."""
+        with self._gate:
+            self._admins += 1
+        try:
+            with self.lock:
+                yield
+                self.admin_ops += 1
+        finally:
+            with self._gate:
+                self._admins -= 1
+                self._gate.notify_all()
+
+    def wait_for_admins(self) -> None:
+        """Called by the worker before each step: let waiting adapter changes go first."""
+        with self._gate:
+            while self._admins:
+                self._gate.wait()
+
     def load_adapter(self, name: str, folder: str) -> None:
-        """Load the adapter saved in ``folder`` under ``name`` (waits for the running batch)."""
+        """Load the adapter saved in ``folder`` under ``name`` (between two steps of the running batch)."""
         from ..config import ConfigError, PeftConfig
         from ..model import PeftModel
 
         if PeftConfig.from_pretrained(folder).is_prompt_learning:
             raise ConfigError(f"{folder} holds a prompt-learning adapter; the server batches adapters per "
                               "row, which prompt methods do not support. Serve LoRA-family adapters.")
-        with self.lock:
+        with self._admin():
             if name in self.adapters:
                 raise ValueError(f"An adapter named {name!r} is already loaded; unload it first or pick another name.")
             if isinstance(self.model, PeftModel):
@@ -198,104 +223,79 @@ class Engine:
             else:
                 self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name)
             self.adapters[name] = folder
+            self._epochs[name] = self._epochs.get(name, 0) + 1
 
     def unload_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (waits for the running batch)."""
-        with self.lock:
+        """Remove adapter ``name`` (between two steps; its running rows fail alone)."""
+        with self._admin():
             if name not in self.adapters:
                 raise KeyError(name)
             self.model.delete_adapter(name)
             del self.adapters[name]
 
     # ----- requests -------------------------------------------------------------------
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the queue ahead of it, drained ``max_batch``
+        at a time at the measured running time per request (1 to 60)."""
+        with self._cv:
+            waiting = len(self._pending)
+        return int(min(60, max(1, math.ceil(self._service_s * (waiting / self.max_batch + 1)))))
+
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raises :class:`EngineFull` when the queue is full."""
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise EngineFull(f"{self.queue.maxsize} requests are already waiting; retry shortly.") from None
+        """Queue ``job``; raises :class:`EngineFull` when the queue is full or closed."""
+        with self._cv:
+            if self._closing:
+                raise EngineFull("the server is shutting down.", 1)
+            if len(self._pending) < self.max_queue:
+                self._pending.append(job)
+                self._cv.notify()
+                return
+        raise EngineFull(f"{self.max_queue} requests are already waiting; retry shortly.", self.retry_after())
+
+    def queued(self) -> int:
+        """How many requests wait for admission."""
+        with self._cv:
+            return len(self._pending)
+
+    def take(self, block: bool, rows: int, tokens: Optional[int] = None, cost=None,
+             wait_s: float = 0.0) -> Optional[list[Job]]:
+        """For the worker: up to ``rows`` queued jobs in order, whose ``cost(job)`` adds up to at
+        most ``tokens`` (the first may exceed it when nothing else runs, i.e. ``block``), waiting
+        for a first one when ``block`` and then ``wait_s`` for more; ``None`` once closing."""
+        out, used = [], 0
+        deadline = None
+        with self._cv:
+            while True:
+                if self._closing:
+                    return None
+                while self._pending and len(out) < rows:
+                    need = cost(self._pending[0]) if cost is not None else 0
+                    if tokens is not None and used + need > tokens and not (block and not out):
+                        return out
+                    out.append(self._pending.popleft())
+                    used += need
+                if len(out) >= rows or (out and wait_s <= 0) or (not block and not out):
+                    return out
+                if not out:
+                    self._cv.wait()
+                    continue
+                if deadline is None:
+                    deadline = time.monotonic() + wait_s
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return out
+                self._cv.wait(left)
 
     def close(self) -> None:
-        """Stop the worker after the running batch."""
-        self.queue.put(None)
+        """Stop the worker after the running step or batch; queued and running requests fail."""
+        with self._cv:
+            self._closing = True
+            left = list(self._pending)
+            self._pending.clear()
+            self._cv.notify_all()
+        for job in left:
+            job.fail("the server is shutting down")
         self._worker.join(timeout=30)
 
-    def _collect(self, first: Job) -> tuple[list[Job], bool]:
-        jobs, deadline = [first], time.monotonic() + self.batch_wait_s
-        while len(jobs) < self.max_batch:
-            wait = deadline - time.monotonic()
-            try:
-                nxt = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if nxt is None:
-                return jobs, True
-            jobs.append(nxt)
-        return jobs, False
-
-    def _loop(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            jobs, stop = self._collect(first)
-            try:
-                self._run(jobs)
-            except Exception as e:  # e.g. a failing event sink: fail these jobs, keep serving
-                for job in jobs:
-                    try:
-                        job.fail(f"internal error: {type(e).__name__}: {e}")
-                    except Exception:
-                        pass
-            if stop:
-                return
-
-    def _run(self, jobs: list[Job]) -> None:
-        with self.lock:
-            live = []
-            for job in jobs:
-                if job.cancelled.is_set():
-                    job.finish("cancelled")
-                elif not self.has_adapter(job.adapter):
-                    job.fail(f"adapter {job.adapter!r} was unloaded before this request ran")
-                else:
-                    live.append(job)
-            if not live:
-                return
-            try:
-                self._generate(live)
-            except Exception as e:  # one bad batch must not stop the worker
-                for job in live:
-                    job.fail(f"generation failed: {type(e).__name__}: {e}")
-                return
-            for job in live:
-                job.finish("length")  # rows that ran out of steps without another reason
-
-    def _generate(self, jobs: list[Job]) -> None:
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
-        device = next(self.model.parameters()).device
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, j in enumerate(jobs):
-            ids[i, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
-            mask[i, width - len(j.prompt_ids):] = 1
-        sample = any(j.temperature > 0 for j in jobs)
-        cfg = GenerationConfig(max_new_tokens=max(j.max_tokens for j in jobs), do_sample=sample,
-                               temperature=1.0 if sample else None, top_p=1.0 if sample else None,
-                               top_k=0 if sample else None, pad_token_id=self.pad_id,
-                               eos_token_id=sorted(self.eos_ids) or None)
-        processors = LogitsProcessorList()
-        if sample:
-            processors.append(_RowSampling(torch.tensor([j.temperature for j in jobs], device=device),
-                                           torch.tensor([j.top_p for j in jobs], device=device)))
-        kwargs = {}
-        if hasattr(self.model, "peft_config"):
-            kwargs["adapter_names"] = [BASE if j.adapter == BASE_NAME else j.adapter for j in jobs]
-        self.batches += 1
-        self.batch_sizes.append(len(jobs))
-        with torch.inference_mode():
-            self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
-                                logits_processor=processors, stopping_criteria=StoppingCriteriaList([_RowStop(self, jobs)]),
-                                **kwargs)
+    def _serve(self, runner) -> None:
+        runner.run()
