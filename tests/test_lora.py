@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from conftest import FAMILIES, TinyConvNet, inputs_for, output_of, tiny_llama
+from conftest import FAMILIES, TinyConvNet, inputs_for, output_of, perturb, tiny_llama
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.core.site import Site
 
@@ -310,7 +311,7 @@ def test_in_place_site_path_matches_reference_math_and_keeps_hooks(hooked):
         lin.register_forward_hook(lambda m, i, o: calls.append(o.shape))
     model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
     site = model.base_model.model[0]
-    assert isinstance(site, Site) and (site._whole is not None)
+    assert isinstance(site, Site) and site._into is not None
     delta = site.deltas["default"]
     x = torch.randn(3, 5, 12, requires_grad=True)
     y = model(x)
@@ -330,13 +331,20 @@ def test_in_place_site_path_matches_reference_math_and_keeps_hooks(hooked):
         torch.testing.assert_close(model(x), ref.detach(), rtol=0, atol=1e-6)
 
 
+def _hook_every_base_layer(model):
+    """A no-op forward hook on each Site's base layer: the Site then no longer owns the base
+    output, so every update is added out of place (the general path)."""
+    return [s.base_layer.register_forward_hook(lambda m, i, o: None)
+            for s in model.modules() if isinstance(s, Site)]
+
+
 def test_in_place_site_path_on_gpt2_conv1d_equals_the_general_path():
     """GPT-2's Conv1D (weight in x out) takes the in-place path too: output and gradients equal the
-    general path's (the layer called, then the update added out of place)."""
+    general path's (the update added out of place)."""
     base, cfg = build("gpt2", init=False)
     model = get_peft_model(base, cfg).eval()  # eval: GPT-2's own dropout would differ between runs
     sites = [m for m in model.modules() if isinstance(m, Site)]
-    assert sites and all(s._whole is not None for s in sites)
+    assert sites and all(s._into is not None and s._tokenwise for s in sites)
     batch = inputs_for(model.get_base_model())
 
     def run():
@@ -345,18 +353,76 @@ def test_in_place_site_path_on_gpt2_conv1d_equals_the_general_path():
         out.float().pow(2).mean().backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    calls = []
-    for s in sites:  # count calls of the layers themselves (a hook would switch the path off)
-        s.base_layer.forward = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(s.base_layer.forward)
     fused, fused_grads = run()
-    assert not calls  # the in-place path computed every Conv1D product itself
-    for s in sites:
-        s._whole = None  # the general path
+    handles = _hook_every_base_layer(model)
     general, general_grads = run()
-    assert len(calls) == len(sites)
+    for h in handles:
+        h.remove()
     torch.testing.assert_close(fused, general, rtol=0, atol=1e-5)
     for n in general_grads:
         torch.testing.assert_close(fused_grads[n], general_grads[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_forward_hooks_keep_what_they_saw(family, mixed):
+    """Activation capture: a forward hook on an adapted layer's base layer keeps its output. A
+    no-grad forward must not add the adapter's update into that very tensor (single adapter,
+    GPT-2's Conv1D and mixed-adapter batches alike)."""
+    base, cfg = build(family, init=False)
+    model = get_peft_model(base, cfg).eval()
+    if mixed:
+        model.add_adapter("other", dataclasses.replace(cfg))
+        model.set_adapter("other")
+        perturb(model, 9)
+        model.set_adapter("default")
+    site = next(m for m in model.modules() if isinstance(m, Site))
+    kept, copies = [], []
+
+    def hook(m, i, o):
+        kept.append(o)
+        copies.append(o.detach().clone())
+
+    site.base_layer.register_forward_hook(hook)
+    batch = inputs_for(model.get_base_model())
+    n = batch["input_ids"].shape[0]
+    names = (["default", "other"] * n)[:n] if mixed else None
+    with torch.no_grad():
+        model(**batch, adapter_names=names) if mixed else model(**batch)
+    assert kept and all(torch.equal(k, c) for k, c in zip(kept, copies))
+
+
+def test_modules_to_save_called_with_keywords_only():
+    """A module in modules_to_save that its parent calls with keyword arguments only
+    (``vision(pixel_values=...)``) works once wrapped, as in PEFT."""
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, pixel_values=None):
+            return self.proj(pixel_values)
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = Inner()
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.vision(pixel_values=x))
+
+    torch.manual_seed(0)
+    net = Outer()
+    x = torch.randn(3, 4)
+    want = net(x)
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["head"], modules_to_save=["vision"]))
+    torch.testing.assert_close(model(x), want)
+    with torch.no_grad():
+        model.base_model.model.vision.deltas["default"].module.proj.weight.add_(1.0)
+    assert not torch.allclose(model(x), want)  # the trainable copy runs, called by keyword
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), want)
 
 
 def test_paths_may_be_pathlib(tmp_path):
@@ -400,8 +466,7 @@ def test_training_under_autocast_works_and_matches_the_model_without_the_in_plac
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
-    for site in (m for m in model.modules() if isinstance(m, Site)):
-        site._whole = None  # the general path only
+    _hook_every_base_layer(model)  # the general path only
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         again = model(input_ids=ids, labels=ids).loss
@@ -414,7 +479,7 @@ def test_state_dict_lists_each_adapter_tensor_once():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     keys = list(model.state_dict())
     assert len(keys) == len(set(keys))
-    assert not any("._whole." in k or "._replace." in k or "._run" in k for k in keys)
+    assert not any("._into." in k or "._replace." in k or "._run" in k for k in keys)
     assert sum(".deltas.default.lora_A" in k for k in keys) == 2
     site = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert set(site._modules) == {"base_layer", "deltas"} and site._whole is site.deltas["default"]
+    assert set(site._modules) == {"base_layer", "deltas"} and site._into[0] is site.deltas["default"]

@@ -62,10 +62,31 @@ def test_packed_loads_keep_no_module_per_site(two):
         assert sorted(s1.deltas) == sorted(s2.deltas) == ["a", "b"]
         assert len(s1.deltas) == 2 and "a" in s1.deltas and "zzz" not in s1.deltas
     assert packed.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()
-    # nothing of the packed adapters in state_dict (they are saved with save_pretrained), no key twice
+    # state_dict lists packed adapters under the keys and values of unpacked ones, each key once
     keys = list(packed.state_dict())
-    assert len(keys) == len(set(keys)) and not any(".deltas." in k or "_whole" in k for k in keys)
-    assert not any("_whole" in k or "_replace" in k for k in plain.state_dict())
+    assert len(keys) == len(set(keys)) and keys == list(plain.state_dict())
+    for k, v in plain.state_dict().items():
+        assert torch.equal(packed.state_dict()[k], v), k
+    assert not any("_into" in k or "_replace" in k or "__packs__" in k for k in keys)
+
+
+def test_packed_state_dict_loads_both_ways(two):
+    """model.load_state_dict writes through to the packed weights (and from packed to plain)."""
+    base, a, b, ids = two
+    packed, plain = load_both(base, a, b, True), load_both(base, a, b, False)
+    sd = {k: v + 0.01 if ".deltas." in k else v for k, v in plain.state_dict().items()}
+    packed.load_state_dict(sd)
+    plain.load_state_dict(sd)
+    assert is_packed(packed.base_model, "a")
+    with torch.no_grad():
+        torch.testing.assert_close(packed.eval()(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)
+    missing = {k: v for k, v in sd.items() if ".deltas.a." not in k}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        packed.load_state_dict(missing)
+    fresh = load_both(base, a, b, False)
+    fresh.load_state_dict(packed.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(ids).logits, plain(ids).logits, rtol=0, atol=0)
 
 
 def test_packed_outputs_equal_modules_everywhere(two):
@@ -136,10 +157,11 @@ def test_dtype_and_train_mode_follow_the_model(two):
     with torch.no_grad():
         torch.testing.assert_close(packed.eval()(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)
     site = packed.base_model.model.model.layers[0].self_attn.q_proj
+    active = site.deltas[site.active[0]]
     packed.train()
-    assert all(v.training for v in site._views.values())
+    assert active.training and site.deltas[site.active[0]] is active  # one stable Delta while in use
     packed.eval()
-    assert not any(v.training for v in site._views.values())
+    assert not active.training
 
 
 @pytest.mark.parametrize("kw", [dict(is_trainable=True), dict(packed=False)])
@@ -221,7 +243,7 @@ def test_per_site_memory_does_not_grow_with_packed_adapters(tmp_path):
     per_adapter = (len(gc.get_objects()) - before) / 10
     assert per_adapter < n_sites / 2, per_adapter
     for _, site in sites(model.base_model.model):
-        assert list(site.deltas._modules) == [STORE_KEY] and len(site._views) == 1  # the active one
+        assert list(site.deltas._modules) == [STORE_KEY] and len(site.deltas._views) == 1  # the active one
 
 
 def test_deepcopy_keeps_one_store_per_copy(two):

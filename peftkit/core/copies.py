@@ -26,9 +26,9 @@ class ModuleCopy(Delta):
         self.module = copy.deepcopy(base)
         self._saved: dict[str, torch.Tensor] = {}
 
-    def replace(self, x, *args, **kwargs):
-        """The copy's output for the site's input."""
-        return self.module(x, *args, **kwargs)
+    def replace(self, *args, **kwargs):
+        """The copy's output for the site's input (called as the base module was)."""
+        return self.module(*args, **kwargs)
 
     def forward(self, x, y, base):  # not used by Site (replaces_base), kept for direct calls
         return self.module(x)

@@ -147,11 +147,10 @@ class Delta(nn.Module):
     #: True when the delta rescales the site's *input* before the base layer runs
     #: ((IA)^3 on feed-forward layers: ``y = W (l * x)``); see :meth:`transform_input`.
     transforms_input: ClassVar[bool] = False
+    #: True when :meth:`forward_into` may write the update into ``y`` in place.
+    accumulates: ClassVar[bool] = False
     #: Local parameter name -> suffix in Hugging Face PEFT's file (``lora_A.weight`` ...).
     peft_names: ClassVar[dict[str, str]] = {}
-    #: Integers per site in a packed adapter's records; 0: this class cannot be packed.
-    #: Classes that can declare it themselves and implement core/packed.py's PackableDelta.
-    pack_width: ClassVar[int] = 0
 
     def __init__(self) -> None:
         """nn.Module's state without its empty hook containers (see ``_LAZY_STATE``)."""
@@ -165,8 +164,15 @@ class Delta(nn.Module):
                 object.__setattr__(self, k, set() if k == "_non_persistent_buffers_set" else OrderedDict())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        """Return the adapted output given input ``x`` and the base output ``y``."""
+        """Return the adapted output given input ``x`` and the base output ``y`` (never
+        written to: a hook, the user or autograd may hold it)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x, y, base)")
+
+    def forward_into(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """As :meth:`forward`, for a ``y`` that the Site owns: nothing else holds it and autograd
+        does not need its value, so the update may be added into it in place (classes that do
+        declare :attr:`accumulates`). Called only by the Site, under the rule in core/site.py."""
+        return self.forward(x, y, base)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """For ``transforms_input`` deltas: the input the base layer should see instead of ``x``.
@@ -200,19 +206,14 @@ class Delta(nn.Module):
     # ----- mixed batches ------------------------------------------------------------
     @classmethod
     def forward_mixed(cls, deltas: list["Delta"], rows: list[torch.Tensor], x: torch.Tensor,
-                      y: torch.Tensor, base: nn.Module) -> Optional[torch.Tensor]:
+                      y: torch.Tensor, base: nn.Module, inplace: bool = False) -> Optional[torch.Tensor]:
         """Vectorised path for a batch whose rows use different adapters of this class.
 
-        ``deltas[i]`` applies to the batch rows ``rows[i]``. Return the full adapted output, or
-        None to let the Site fall back to one call per adapter on its rows.
+        ``deltas[i]`` applies to the batch rows ``rows[i]``; ``inplace``: the Site owns ``y``
+        (as in :meth:`forward_into`). Return the full adapted output, or None to let the Site
+        fall back to one call per adapter on its rows.
         """
         return None
-
-    # ----- packing (core/packed.py) -------------------------------------------------
-    def packable(self) -> bool:
-        """Whether this Delta can be stored packed now. Only classes that declare
-        ``pack_width`` and implement :class:`~peftkit.core.packed.PackableDelta` can."""
-        return False
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         """This delta's tensors under Hugging Face PEFT's suffixes."""

@@ -10,13 +10,17 @@ that holds a hundred frozen adapters of 60 sites each it is 7 MB, 4% of their ow
 - one row of integers and one float per site in a :class:`Pack` (for LoRA: the offsets of ``A``
   and ``B`` in the flat tensor, the rank and the in/out sizes; the float is the scale ``s``).
 
-Each Site's :class:`DeltaDict` answers ``name in site.deltas`` and ``site.deltas[name]`` for
-packed adapters too, building on demand a Delta whose parameters are views of the flat tensor
-(``from_pack`` of :class:`PackableDelta`). The Site keeps such views only for its active adapters (and a
-mixed-batch block keeps those it uses), so the memory held per site does not grow with the
-number of packed adapters. Reads, merges, saves and in-place copies (hot-swap) go through the
-views to the packed weights; operations that would replace a Delta first turn the adapter back
-into ordinary modules (:func:`unpack_adapter`).
+The seam is the Site's :class:`DeltaDict`: it answers ``name in site.deltas`` and
+``site.deltas[name]`` for packed adapters too, with an ordinary Delta whose parameters are views
+of the flat tensor (``from_pack`` of :class:`PackableDelta`). It builds such a Delta on first use
+and then returns the same object for as long as anyone holds it (a weak cache: the Site's run
+list holds its active adapters', a mixed-batch block those it uses), so the Site never knows how
+a Delta is stored, and the memory held per site does not grow with the number of packed
+adapters. ``train()``/``eval()`` reach the cached Deltas; ``.to()`` drops them (their views
+belong to the old tensors). Reads, merges, saves, in-place copies (hot-swap) and
+``model.state_dict()``/``load_state_dict()`` (under the same keys as an unpacked adapter's)
+go through the views to the packed weights; operations that would replace a Delta first turn
+the adapter back into ordinary modules (:func:`unpack_adapter`).
 
 Packing needs a method that opts in (``Delta.pack_width`` > 0; plain LoRA on linear layers), an
 adapter in inference mode, and nothing but such Deltas (no ``modules_to_save`` copies, no
@@ -25,6 +29,7 @@ every eligible inference load unless given ``packed=False``.
 """
 from __future__ import annotations
 
+import weakref
 from array import array
 from typing import Iterator, Optional, Protocol
 
@@ -135,17 +140,30 @@ class PackStore(nn.Module):
         return f"adapters={list(self.packs)}"
 
 
+class _Views(weakref.WeakValueDictionary):
+    """Adapter name -> the Delta over its packed weights, while someone holds it. Copies and
+    pickles of a model start with an empty cache (the Deltas are rebuilt on demand)."""
+
+    def __deepcopy__(self, memo):
+        return _Views()
+
+    def __reduce__(self):
+        return (_Views, ())
+
+
 class DeltaDict(nn.ModuleDict):
     """A Site's adapters: Delta modules, plus the packed adapters that have a row at this Site.
 
     Mapping reads (``in``, ``[]``, ``len``, iteration, ``items()``) see both kinds; a packed
-    adapter is returned as a Delta built on demand over views of its packed weights.
+    adapter is returned as a Delta over views of its packed weights, the same object while it is
+    in use (see the module docstring).
     """
 
     def __init__(self) -> None:
         super().__init__()
         object.__setattr__(self, "slot", -1)      # this Site's row in every Pack (-1: none yet)
         object.__setattr__(self, "npacked", 0)    # packed adapters with a row here
+        object.__setattr__(self, "_views", _Views())
 
     def _store(self) -> Optional[PackStore]:
         return self._modules.get(STORE_KEY) if self.npacked else None
@@ -165,14 +183,58 @@ class DeltaDict(nn.ModuleDict):
         return [n for n, p in store.packs.items() if p.row(self.slot) is not None]
 
     def view(self, name: str) -> nn.Module:
-        """A Delta over the packed weights of ``name`` (a new object on every call)."""
+        """The Delta over the packed weights of ``name`` (cached while it is held)."""
+        view = self._views.get(name)
+        if view is not None:
+            return view
         hit = self.packed(name)
         if hit is None:
             raise KeyError(name)
         pack, ints, value = hit
         view = pack.cls.from_pack(self._store().flat(name), ints, value, pack.meta)
         view.__dict__["training"] = self.training  # follows the Site's train()/eval()
+        self._views[name] = view
         return view
+
+    def train(self, mode: bool = True):
+        """As nn.Module's; the cached Deltas over packed weights (not children) follow."""
+        out = super().train(mode)
+        for view in list(self._views.values()):
+            view.__dict__["training"] = mode
+        return out
+
+    def _apply(self, fn, recurse=True):
+        """Convert as nn.Module does (the packed weights with the store); cached Deltas are views
+        of the tensors before conversion, so they are dropped."""
+        out = super()._apply(fn, recurse)
+        self._views.clear()
+        return out
+
+    # ----- state dicts: packed adapters under the keys an unpacked adapter has ----------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.packed_names():
+            for k, t in self.view(name).state_dict(keep_vars=keep_vars).items():
+                destination[f"{prefix}{name}.{k}"] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in self.packed_names():
+            for k, t in self.view(name).state_dict(keep_vars=True).items():
+                key = f"{prefix}{name}.{k}"
+                if key not in state_dict:
+                    if strict:
+                        missing_keys.append(key)
+                    continue
+                value = state_dict.pop(key)
+                if value.shape != t.shape:
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                                      f"the shape in current model is {tuple(t.shape)}.")
+                    continue
+                with torch.no_grad():
+                    t.copy_(value)  # into the packed flat tensor, through the view
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # ----- mapping --------------------------------------------------------------------
     def __contains__(self, name) -> bool:
@@ -191,6 +253,7 @@ class DeltaDict(nn.ModuleDict):
         if hit is None:
             raise KeyError(name)
         store = self._store()
+        self._views.pop(name, None)
         hit[0].drop(self.slot)
         if hit[0].count == 0:
             store.remove(name)

@@ -2,11 +2,23 @@
 
 A Site keeps the original module as ``base_layer`` and a ``deltas`` dict (adapter name -> Delta).
 It alone knows which adapters are active, which are merged into the base weight, how inputs are
-cast to each adapter's dtype, and how a batch whose rows use different adapters is routed.
+cast to each adapter's dtype, how a batch whose rows use different adapters is routed, and when
+an update may be written into the base output in place.
 
-The per-call work is kept minimal: the list of deltas to run is recomputed only when the
-active/merged/disabled state changes, so a forward with one active adapter is one base call plus
-one delta call.
+One forward, in three steps:
+
+1. ``_refresh`` (on every change of active/merged/disabled state, ``.to()``, a new or removed
+   adapter) computes the run list: the Deltas to apply, each with the dtype its input is cast to,
+   the one Delta that replaces the base (``modules_to_save``), those that transform the input.
+2. ``forward`` calls the base layer as the model would (its hooks run and see its output), then
+   hands ``(x, y, base)`` to each Delta of the run list.
+3. The in-place rule: a Delta may write its update into ``y`` (``Delta.forward_into``) only when
+   the Site owns ``y``: the base is of a type that returns a new tensor that its own backward does
+   not keep (``nn.Linear``, transformers' ``Conv1D``, convolutions, embeddings) and no hook
+   (module or global, forward or backward) can have seen or kept it. Otherwise the Delta returns a
+   new tensor (``Delta.forward``). Linear bases that the Site owns are called on a 2-D view of the
+   input, so that the in-place update is one ``addmm_`` on a tensor that is no view, also under
+   autograd.
 """
 from __future__ import annotations
 
@@ -19,6 +31,11 @@ from torch import nn
 
 from .method import Delta
 from .packed import DeltaDict
+
+try:  # transformers' GPT-2 Conv1D: a linear layer stored in x out
+    from transformers.pytorch_utils import Conv1D as _Conv1D
+except Exception:  # transformers absent: plain torch models still work
+    _Conv1D = None
 
 BASE = "__base__"  # row name meaning "no adapter" in mixed batches
 
@@ -59,6 +76,12 @@ class Routing:
             g = {name: torch.tensor(r, dtype=torch.long, device=device) for name, r in rows.items()}
             self._groups[key] = g
         return g
+
+    def keep(self, groups) -> None:
+        """Hold the block's Deltas for its lifetime: Deltas over packed storage are built on
+        demand and cached weakly (core/packed.py), and memo keys use their ``id``."""
+        for d, _ in groups:
+            self.memo.setdefault(("kept", id(d)), d)
 
 
 def current_routing() -> Optional[Routing]:
@@ -108,11 +131,34 @@ class BaseLayerPassthrough(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
 
+#: Base layer types whose forward returns a new tensor that their backward does not save: an
+#: update may be added into it in place when no hook saw it (exact types: a subclass may differ).
+_FRESH = frozenset(t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, _Conv1D) if t is not None)
+#: Of those, the ones computed token by token on the last dimension: called on a 2-D view of ``x``.
+_TOKENWISE = frozenset(t for t in (nn.Linear, _Conv1D) if t is not None)
+_M = nn.modules.module
+
+
+def _hooked(base: nn.Module) -> bool:
+    """Whether calling ``base`` runs a hook that may see or keep its output (module or global)."""
+    return bool(base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                or base._backward_pre_hooks or _M._global_forward_hooks or _M._global_forward_pre_hooks
+                or _M._global_backward_hooks or _M._global_backward_pre_hooks)
+
+
+def _first_tensor(kwargs: dict) -> torch.Tensor:
+    """The input of a layer called with keyword arguments only (``vision(pixel_values=...)``)."""
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"an adapted layer was called without a tensor argument (keywords: {sorted(kwargs)})")
+
+
 #: Site attributes that cache what the adapters' state implies. They hold references to Deltas
-#: that already are children (under ``deltas``) or views that must not be (packed adapters), so
-#: they are kept out of nn.Module's registries: registering them would list each active Delta
-#: twice in ``state_dict()`` and ``named_modules()``.
-_CACHES = frozenset({"_run", "_pre", "_replace", "_whole", "_views"})
+#: that already are children (under ``deltas``) or are built over packed storage and must not be
+#: children, so they are kept out of nn.Module's registries: registering them would list each
+#: active Delta twice in ``state_dict()`` and ``named_modules()``.
+_CACHES = frozenset({"_run", "_pre", "_replace", "_into"})
 
 
 class Site(BaseLayerPassthrough):
@@ -121,19 +167,15 @@ class Site(BaseLayerPassthrough):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.deltas = DeltaDict()  # Delta modules and packed adapters (core/packed.py)
+        self.deltas = DeltaDict()  # adapter name -> Delta, whatever the storage (core/packed.py)
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
         self._run: list[tuple[Delta, Optional[torch.dtype]]] = []
         self._pre: list[tuple[Delta, Optional[torch.dtype]]] = []
         self._replace: Optional[Delta] = None
-        #: the one active delta when it can compute base and update together
-        #: (``forward_whole``), else None; see :meth:`_refresh`
-        self._whole: Optional[Delta] = None
-        #: views over the packed weights of active packed adapters (core/packed.py), kept so
-        #: that refreshing the run list does not rebuild them; only active ones are held
-        self._views: dict[str, Delta] = {}
+        #: (delta, dtype) when exactly one Delta runs and it can accumulate into a ``y`` the Site owns
+        self._into: Optional[tuple[Delta, Optional[torch.dtype]]] = None
         #: how many Deltas here are full copies (``modules_to_save``); kept so that walking the
         #: model does not scan every adapter of every site
         self.copies = 0
@@ -143,8 +185,10 @@ class Site(BaseLayerPassthrough):
             object.__setattr__(self, name, value)
             return
         super().__setattr__(name, value)
-        if name == "base_layer":  # a plain reference too: skips nn.Module's slow attribute path
+        if name == "base_layer":  # plain references too: they skip nn.Module's slow attribute path
             object.__setattr__(self, "_base", value)
+            object.__setattr__(self, "_fresh", type(value) in _FRESH)
+            object.__setattr__(self, "_tokenwise", type(value) in _TOKENWISE)
 
     # ----- adapter bookkeeping ------------------------------------------------------
     def add(self, name: str, delta: Delta) -> None:
@@ -159,10 +203,8 @@ class Site(BaseLayerPassthrough):
         """Detach adapter ``name`` (unmerging it first if it is merged)."""
         if name in self.merged:
             self.unmerge(until=name)
-        module = self.deltas._modules.get(name)  # a packed adapter is never a full copy
-        self.copies -= bool(module is not None and module.replaces_base)
+        self.copies -= bool(self.deltas[name].replaces_base)
         del self.deltas[name]
-        self._views.pop(name, None)
         self.active = [a for a in self.active if a != name]
         self._refresh()
 
@@ -172,45 +214,28 @@ class Site(BaseLayerPassthrough):
         self._refresh()
 
     def _apply(self, fn, recurse=True):
-        """Convert as nn.Module does, then rebuild the cached run list: its dtypes, and the
-        views over packed weights, belong to the tensors before conversion."""
+        """Convert as nn.Module does, then rebuild the run list: its dtypes (and Deltas over
+        packed storage) belong to the tensors before conversion."""
         out = super()._apply(fn, recurse)
-        self._views = {}
         self._refresh()
         return out
 
-    def train(self, mode: bool = True):
-        """As nn.Module's; views over packed weights (not children) are rebuilt in the new mode."""
-        out = super().train(mode)
-        if self.deltas.npacked:
-            self._views = {}
-            self._refresh()
-        return out
-
-    def _active_delta(self, name: str, views: dict) -> Delta:
-        d = self.deltas._modules.get(name)
-        if d is None:  # packed: reuse this adapter's view if it has one
-            d = views[name] = self._views.get(name) or self.deltas[name]
-        return d
-
     def _refresh(self) -> None:
-        run, pre, replace, views = [], [], None, {}
+        run, pre, replace = [], [], None
         if not self.disabled:
             for n in self.active:
                 if n in self.merged:
                     continue
-                d = self._active_delta(n, views)
+                d = self.deltas[n]
                 if d.replaces_base:
                     replace = d
                 else:
                     run.append((d, _param_dtype(d)))
                     if d.transforms_input:
                         pre.append((d, _param_dtype(d)))
-        self._run, self._pre, self._replace, self._views = run, pre, replace, views
-        # A single delta that can run the base product itself (plain LoRA on nn.Linear) gets the
-        # call whole: it adds its update in place into a base output it owns, saving a copy.
-        whole = run[0][0] if len(run) == 1 and not pre and replace is None else None
-        self._whole = whole if whole is not None and hasattr(whole, "forward_whole") else None
+        self._run, self._pre, self._replace = run, pre, replace
+        single = len(run) == 1 and not pre and replace is None and run[0][0].accumulates
+        self._into = run[0] if single else None
 
     def _base_with(self, x, pre, *args, **kwargs):
         for d, dtype in pre:
@@ -218,50 +243,72 @@ class Site(BaseLayerPassthrough):
             x = d.transform_input(xt).to(x.dtype)
         return self.base_layer(x, *args, **kwargs)
 
+    def _owns(self, base: nn.Module) -> bool:
+        """Whether ``base``'s output is the Site's alone (see the module docstring)."""
+        return self._fresh and not _hooked(base)
+
     # ----- forward ------------------------------------------------------------------
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         if _OPEN_ROUTINGS:
             routing = _ROUTING.get()
             if routing is not None:
-                return self._forward_mixed(routing, x, *args, **kwargs)
-        if self._whole is not None and not args and not kwargs:
-            y = self._whole.forward_whole(x, self._base)
-            if y is not None:
-                return y
+                return self._forward_mixed(routing, *args, **kwargs)
+        into, base = self._into, self._base
+        if into is not None and len(args) == 1 and not kwargs:  # the common case: one adapter
+            x, (delta, dtype) = args[0], into
+            if x.dtype == dtype and self._owns(base) and not _hooked(delta):
+                if self._tokenwise and x.dim() != 2:
+                    x2 = x.reshape(-1, x.shape[-1])
+                    y = delta.forward_into(x2, base(x2), base)
+                    return y.view(*x.shape[:-1], y.shape[-1])
+                return delta.forward_into(x, base(x), base)
+        if not self._run and self._replace is None:
+            return base(*args, **kwargs)
+        x = args[0] if args else _first_tensor(kwargs)
         if self._replace is not None:
-            y = self._replace.replace(x, *args, **kwargs)
-        elif self._pre:
-            y = self._base_with(x, self._pre, *args, **kwargs)
+            y, owned = self._replace.replace(*args, **kwargs), False
+        elif self._pre and args:
+            y, owned = self._base_with(x, self._pre, *args[1:], **kwargs), False
         else:
-            y = self._base(x, *args, **kwargs)
+            y = base(*args, **kwargs)
+            owned = self._owns(base)
         for delta, dtype in self._run:
-            y = self._run_delta(delta, dtype, x, y)
+            y, owned = self._run_delta(delta, dtype, x, y, owned)
         return y
 
-    def _run_delta(self, delta: Delta, dtype, x, y):
-        if dtype is None or x.dtype == dtype or not x.is_floating_point():
-            out = delta(x, y, self._base)
+    def _run_delta(self, delta: Delta, dtype, x, y, owned: bool):
+        """Apply one Delta to ``y``; returns the new output and whether the Site owns it."""
+        if dtype is not None and x.dtype != dtype and x.is_floating_point():
+            x = x.to(dtype)
+        if owned and delta.accumulates and not _hooked(delta):
+            out = delta.forward_into(x, y, self._base)
         else:
-            out = delta(x.to(dtype), y, self._base)
-        return out if out.dtype == y.dtype else out.to(y.dtype)
+            out = delta(x, y, self._base)
+        if out.dtype != y.dtype:
+            out = out.to(y.dtype)
+        # a new tensor made without autograd is the Site's too; under autograd it may be saved
+        return out, (owned and out is y) or (out is not y and not torch.is_grad_enabled())
 
-    def _forward_mixed(self, routing: Routing, x, *args, **kwargs):
+    def _forward_mixed(self, routing: Routing, *args, **kwargs):
         if self.merged:
             raise RuntimeError(
                 f"adapters {self.merged} are merged into the base weights; unmerge them "
                 "(model.unmerge_adapter()) before running mixed-adapter batches"
             )
-        groups = [(self._routed(n, routing), idx) for n, idx in routing.groups(x.device, x.shape[0]).items()
+        x = args[0] if args else _first_tensor(kwargs)
+        rest = args[1:]
+        groups = [(self.deltas[n], idx) for n, idx in routing.groups(x.device, x.shape[0]).items()
                   if n in self.deltas]
+        routing.keep(groups)  # Deltas over packed storage keep their identity for the block
+        y = self.base_layer(*args, **kwargs)
         replacing = [(d, i) for d, i in groups if d.replaces_base]
         if replacing:
-            y = self.base_layer(x, *args, **kwargs)
             for d, idx in replacing:
-                y = y.index_copy(0, idx, d.replace(x[idx], *args, **kwargs).to(y.dtype))
+                y = y.index_copy(0, idx, d.replace(x[idx], *rest, **kwargs).to(y.dtype))
             return y
-        y = self.base_layer(x, *args, **kwargs)
         if not groups:
             return y
+        owned = self._owns(self.base_layer)
         by_cls: dict[type, list] = {}
         for d, idx in groups:
             by_cls.setdefault(type(d), []).append((d, idx))
@@ -269,28 +316,18 @@ class Site(BaseLayerPassthrough):
         for cls, items in by_cls.items():
             res = None
             if len(items) > 1:
-                res = cls.forward_mixed([d for d, _ in items], [i for _, i in items], x, out, self.base_layer)
+                res = cls.forward_mixed([d for d, _ in items], [i for _, i in items], x, out, self.base_layer,
+                                        inplace=owned)
             if res is not None:
-                out = res
+                out, owned = res, owned and res is out
                 continue
             for d, idx in items:
                 dt = _param_dtype(d)
-                y_rows = self._base_with(x[idx], [(d, dt)], *args, **kwargs) if d.transforms_input else y[idx]
-                part = self._run_delta(d, dt, x[idx], y_rows)
+                y_rows = self._base_with(x[idx], [(d, dt)], *rest, **kwargs) if d.transforms_input else y[idx]
+                part, _ = self._run_delta(d, dt, x[idx], y_rows, True)  # y[idx] is a new tensor
                 out = out.index_copy(0, idx, part)  # row groups are disjoint
+                owned = not torch.is_grad_enabled()
         return out
-
-    def _routed(self, name: str, routing: Routing) -> Delta:
-        """Adapter ``name``'s Delta for a mixed batch. A packed adapter's view is kept in the
-        routing block's memo, so each is built once per block and keeps one identity in it."""
-        d = self.deltas._modules.get(name)
-        if d is not None:
-            return d
-        key = ("packed", id(self), name)
-        d = routing.memo.get(key)
-        if d is None:
-            d = routing.memo[key] = self.deltas[name]
-        return d
 
     # ----- merging ------------------------------------------------------------------
     def merge(self, names: Iterable[str], safe_merge: bool = False) -> None:

@@ -42,27 +42,6 @@ from ...core.method import Delta, new_parameter
 from ...quant.backend import dequantize
 
 
-def _autocasting(device_type: str) -> bool:
-    """Whether autocast is on for this device type (False for types autocast does not know: meta)."""
-    if device_type == "meta":
-        return False
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
-
-
-def _is_transformers_conv1d(kind: type) -> bool:
-    """Exactly transformers' ``Conv1D`` (a subclass may compute something else)."""
-    return kind.__name__ == "Conv1D" and kind.__module__ == "transformers.pytorch_utils"
-
-
-def _global_hooks() -> bool:
-    """Whether global module hooks are registered (calling a layer would run them)."""
-    m = nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
-
-
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     """``t`` as a Parameter that does not require grad (nn.Parameter's constructor, minus its checks)."""
     return torch.Tensor._make_subclass(nn.Parameter, t, False)
@@ -72,6 +51,7 @@ class LoraDelta(Delta):
     """Shared LoRA/DoRA math; subclasses give the low-rank path and the 2-D weight view."""
 
     mergeable = True
+    accumulates = True
     peft_names = {"magnitude": "lora_magnitude_vector"}
     channel_dim = -1  # where the output features sit in y
 
@@ -141,11 +121,23 @@ class LoraDelta(Delta):
         return F.dropout(x, self.dropout_p, self.training) if self.dropout_p and self.training else x
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        if self.magnitude is None:
-            z = self.lora(self.dropout(x))
-            if torch.is_grad_enabled():
-                return torch.add(y, z, alpha=self.scaling)
-            return y.add_(z, alpha=self.scaling)  # inference: y is the Site's own fresh output
+        """``y + s B A dropout(x)`` as a new tensor (DoRA: see the module docstring)."""
+        if self.magnitude is not None:
+            return self._dora(x, y, base)
+        return self.add_update(self.dropout(x), y, inplace=False)
+
+    def forward_into(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """As :meth:`forward`, the update added into ``y`` in place (the Site owns it)."""
+        if self.magnitude is not None:
+            return self._dora(x, y, base)
+        return self.add_update(self.dropout(x), y, inplace=True)
+
+    def add_update(self, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """``y + s B A x``: the one place LoRA's update is written (``x`` after dropout)."""
+        z = self.lora(x)
+        return y.add_(z, alpha=self.scaling) if inplace else torch.add(y, z, alpha=self.scaling)
+
+    def _dora(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         g = self.magnitude.reshape(-1) / self._weight_norm(base).to(self.magnitude.dtype)
         g = self._shape_gain(g, y)
         if not (self.dropout_p and self.training):
@@ -182,7 +174,7 @@ class LoraDelta(Delta):
         self._merge_norm = None
 
     @classmethod
-    def forward_mixed(cls, deltas, rows, x, y, base):
+    def forward_mixed(cls, deltas, rows, x, y, base, inplace=False):
         """Plain LoRA on linear layers: one gathered batched product for all rows (mixed.py).
 
         DoRA, active dropout and other site types return None: the Site then runs each
@@ -192,7 +184,7 @@ class LoraDelta(Delta):
             return None
         from .mixed import lora_mixed
 
-        return lora_mixed(deltas, rows, x, y)
+        return lora_mixed(deltas, rows, x, y, inplace)
 
 
 class LoraLinear(LoraDelta):
@@ -216,40 +208,21 @@ class LoraLinear(LoraDelta):
     def lora(self, x):
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
-    def forward(self, x, y, base):
-        """Plain LoRA: ``y + s B (A x)`` as one ``addmm``, so the add happens inside the matrix
-        product and the scale lands on the small (tokens x r) side in backward; in inference it
-        accumulates into ``y`` in place. DoRA and mixed dtypes take the general path."""
-        if self.magnitude is not None or y.dtype != self.lora_B.dtype or not y.is_contiguous():
-            return super().forward(x, y, base)
-        h = F.linear(self.dropout(x), self.lora_A).reshape(-1, self.r)
-        y2 = y.view(-1, y.shape[-1])
-        if torch.is_grad_enabled():
-            return torch.addmm(y2, h, self.lora_B.t(), alpha=self.scaling).view(y.shape)
-        y2.addmm_(h, self.lora_B.t(), alpha=self.scaling)  # y is the Site's own fresh output
-        return y
-
-    def forward_whole(self, x: torch.Tensor, base: nn.Module) -> Optional[torch.Tensor]:
-        """Base product and update together, or None when the Site must call ``base`` itself.
-
-        On a plain ``nn.Linear`` or transformers' ``Conv1D`` (no hooks that calling it would run,
-        one dtype, plain LoRA) the base output is computed here in 2-D, as the layer itself would,
-        so the update can be added into it in place with ``addmm_`` also under autograd (the base
-        product never saves its output): training then skips the copy of ``y`` that an
-        out-of-place ``addmm`` makes at every site.
-        """
-        kind = type(base)
-        conv1d = kind is not nn.Linear and self.fan_in_fan_out and _is_transformers_conv1d(kind)
-        if (self.magnitude is not None or not (kind is nn.Linear or conv1d)
-                or base._forward_hooks or base._forward_pre_hooks or _global_hooks()):
-            return None
-        w = base.weight
-        if x.dtype != w.dtype or self.lora_B.dtype != w.dtype or _autocasting(x.device.type):
-            return None  # under autocast the products' dtype is autocast's, not the weights'
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(base.bias, x2, w) if conv1d else F.linear(x2, w, base.bias)  # Conv1D: in x out
-        y.addmm_(F.linear(self.dropout(x2), self.lora_A), self.lora_B.t(), alpha=self.scaling)
-        return y.view(*x.shape[:-1], y.shape[-1])
+    def add_update(self, x, y, inplace):
+        """``y + s B (A x)`` as one ``addmm`` on 2-D views: the add happens inside the matrix
+        product and the scale lands on the small (tokens x r) side in backward. Other dtypes
+        (autocast, a half-precision base under an fp32 adapter) or layouts add ``B (A x)``."""
+        h = F.linear(x, self.lora_A)
+        b = self.lora_B
+        if y.dtype != b.dtype or h.dtype != b.dtype or not y.is_contiguous():
+            z = F.linear(h, b)
+            return y.add_(z, alpha=self.scaling) if inplace else torch.add(y, z, alpha=self.scaling)
+        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        h2 = h if h.dim() == 2 else h.reshape(-1, self.r)
+        if inplace:
+            y2.addmm_(h2, b.t(), alpha=self.scaling)
+            return y
+        return torch.addmm(y2, h2, b.t(), alpha=self.scaling).view(y.shape)
 
     def factors(self):
         return self.lora_A, self.lora_B

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from ...core.site import current_routing
 
 
-def lora_mixed(deltas, rows, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``y`` with each group of rows ``rows[i]`` adapted by LoRA ``deltas[i]`` (plain LoRA only)."""
+def lora_mixed(deltas, rows, x: torch.Tensor, y: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``y`` with each group of rows ``rows[i]`` adapted by LoRA ``deltas[i]`` (plain LoRA only);
+    ``inplace``: the Site owns ``y`` (core/site.py's rule), so the products accumulate into it."""
     routing = current_routing()
     if routing is not None and routing.reuse and not torch.is_grad_enabled():
         key = ("lora", tuple(map(id, deltas)), tuple(map(id, rows)))
@@ -43,10 +44,10 @@ def lora_mixed(deltas, rows, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if y.dtype != b.dtype or not y.is_contiguous():
         return y + (torch.bmm(h, b) * alpha).view(y.shape).to(y.dtype)
     y3 = y.view(y.shape[0], -1, y.shape[-1])
-    if torch.is_grad_enabled():
-        return torch.baddbmm(y3, h, b, alpha=alpha).view(y.shape)            # y + s h B^T, one kernel
-    y3.baddbmm_(h, b, alpha=alpha)  # no autograd: y is the Site's own fresh base output
-    return y
+    if inplace:
+        y3.baddbmm_(h, b, alpha=alpha)
+        return y
+    return torch.baddbmm(y3, h, b, alpha=alpha).view(y.shape)                # y + s h B^T, one kernel
 
 
 def _row_groups(rows, n: int, routing) -> list[int]:
