@@ -9,6 +9,7 @@ from .io.checkpoint import CheckpointError
 from .methods import LoraConfig
 from .methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LNTuningConfig,  # noqa: E402
                       LoHaConfig, LoKrConfig, VeraConfig)
+from .methods import BOFTConfig, OFTConfig  # noqa: E402
 from .methods import AdaptionPromptConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig  # noqa: F401
 from .model import (
     PeftModel,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IA3Config", "LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig", "LNTuningConfig",
     "BitFitConfig", "BottleneckConfig",
+    "OFTConfig", "BOFTConfig",
     "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "AdaptionPromptConfig",
     "PeftConfig", "PeftType", "TaskType", "ConfigError", "CheckpointError", "LoraConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",

@@ -45,6 +45,8 @@ class PeftType(str, enum.Enum):
     LN_TUNING = "LN_TUNING"
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"
+    OFT = "OFT"
+    BOFT = "BOFT"
 
 
 class ConfigError(ValueError):

@@ -15,5 +15,7 @@ from .loha import LoHaConfig  # noqa: F401  reparametrisation: Hadamard product
 from .lokr import LoKrConfig  # noqa: F401  reparametrisation: Kronecker product
 from .vera import VeraConfig  # noqa: F401  reparametrisation: shared random projections
 from .adalora import AdaLoraConfig  # noqa: F401  reparametrisation: SVD form with rank pruning
+from .oft import OFTConfig  # noqa: F401  reparametrisation: block-diagonal orthogonal rotation
+from .boft import BOFTConfig  # noqa: F401  reparametrisation: butterfly orthogonal rotation
 from .adaption_prompt import AdaptionPromptConfig  # noqa: F401  additive: LLaMA-Adapter gated prompts
 from .hybrids import mam_adapter, unipelt  # noqa: F401  hybrids: compositions of the above
