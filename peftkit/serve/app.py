@@ -1,14 +1,16 @@
 """The HTTP layer: OpenAI-compatible routes over an :class:`~peftkit.serve.engine.Engine`.
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``"stream": true`` as server-sent events ending in ``data: [DONE]``), ``POST /v1/adapters``
+Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (both with ``"stream": true`` as server-sent events ending in
+``data: [DONE]``, and ``stream_options.include_usage`` for a final usage chunk), ``POST /v1/adapters``
 (``{"name", "path"}``: load at run time, from folders under the allowed roots only) and
 ``DELETE /v1/adapters/{name}``. The ``model`` field names an adapter, ``"base"`` for none.
 
 Every request body is read with a size cap (413 beyond it) and parsed and checked here, so a
 malformed one gets a 400 with an OpenAI-style ``{"error": {...}}`` body and never reaches the
-model; an unknown adapter is a 404, a full queue a 503. Unexpected exceptions become a 500 for
-that request only.
+model; an unknown adapter is a 404, a full queue a 503 with ``Retry-After``. Unknown routes and
+methods get the same error shape (404, 405). Unexpected exceptions become a 500 for that request
+only.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ import uuid
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import BASE_NAME, Engine, EngineFull, Job
 
@@ -32,9 +36,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 class ApiError(Exception):
     """An error answered with ``status`` and an OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
+                 headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.headers = headers
 
 
 class Limits:
@@ -74,9 +80,27 @@ def _sampling(body: dict, limits: Limits, chat: bool) -> dict:
         raise ApiError(400, "'n' must be 1 here; send the request again for more samples.", param="n")
     if not isinstance(body.get("stream", False), bool):
         raise ApiError(400, "'stream' must be true or false.", param="stream")
+    _stream_options(body)
     return dict(max_tokens=_number(body, "max_tokens", default_max, 1, limits.max_tokens, integer=True),
                 temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
                 top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)), stop=stop)
+
+
+def _stream_options(body: dict) -> bool:
+    """Whether the stream ends with a usage chunk (``stream_options: {"include_usage": true}``)."""
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not body.get("stream", False):
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}.",
+                       param="stream_options")
+    return opts.get("include_usage", False)
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "peftkit"}
 
 
 def _adapter(body: dict, engine: Engine) -> str:
@@ -161,12 +185,28 @@ def create_app(engine: Engine, limits: Optional[Limits] = None, adapter_roots: t
     roots = tuple(os.path.realpath(r) for r in adapter_roots)
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def error(status, message, kind="invalid_request_error", param=None):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+    def error(status, message, kind="invalid_request_error", param=None, headers=None):
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
+                            headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return error(exc.status, exc.message, exc.kind, exc.param)
+        return error(exc.status, exc.message, exc.kind, exc.param, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # unknown route (404), wrong method (405)
+        if exc.status_code == 404:
+            message = f"Unknown route {request.method} {request.url.path}; see GET /v1/models and docs/serving.md."
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}."
+        else:
+            message = str(exc.detail)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        return error(400, f"Invalid request: {exc.errors()}")
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
@@ -175,8 +215,14 @@ def create_app(engine: Engine, limits: Optional[Limits] = None, adapter_roots: t
     @app.get("/v1/models")
     async def models():
         names = [BASE_NAME] + sorted(engine.adapters)
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "peftkit"}
-                                           for n in names]}
+        return {"object": "list", "data": [_model_card(n) for n in names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if not engine.has_adapter(model_id):
+            raise ApiError(404, f"The model {model_id!r} does not exist; loaded: {['base'] + sorted(engine.adapters)}.",
+                           "not_found_error", "model")
+        return _model_card(model_id)
 
     async def run(request: Request, chat: bool):
         body = await _read_json(request, limits)
@@ -204,11 +250,11 @@ def create_app(engine: Engine, limits: Optional[Limits] = None, adapter_roots: t
         except EngineFull as e:
             for job, _ in jobs:
                 job.cancelled.set()
-            raise ApiError(503, str(e), "server_overloaded") from None
+            raise ApiError(503, str(e), "server_overloaded", headers={"Retry-After": str(e.retry_after)}) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = dict(id=rid, created=int(time.time()), model=adapter)
         if body.get("stream", False):
-            return StreamingResponse(_stream(jobs, meta, chat), media_type="text/event-stream",
+            return StreamingResponse(_stream(jobs, meta, chat, _stream_options(body)), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await _collect(jobs, meta, chat)
 
@@ -238,7 +284,7 @@ def create_app(engine: Engine, limits: Optional[Limits] = None, adapter_roots: t
             await run_in_threadpool(engine.load_adapter, name, real)
         except (OSError, ValueError) as e:  # missing files, bad config or weights (ConfigError, CheckpointError)
             raise ApiError(400, f"Could not load {path!r}: {e}", param="path") from None
-        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "peftkit"}
+        return {**_model_card(name), "created": int(time.time())}
 
     @app.delete("/v1/adapters/{name}")
     async def unload(name: str):
@@ -288,8 +334,10 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _stream(jobs, meta: dict, chat: bool):
+async def _stream(jobs, meta: dict, chat: bool, include_usage: bool = False):
     obj = "chat.completion.chunk" if chat else "text_completion"
+    extra = {"usage": None} if include_usage else {}  # OpenAI: null on every chunk but the last
+    dones = []
 
     def chunk(i, text=None, finish=None, role=False):
         if chat:
@@ -297,7 +345,7 @@ async def _stream(jobs, meta: dict, chat: bool):
             choice = {"index": i, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _sse({**meta, "object": obj, "choices": [choice]})
+        return _sse({**meta, "object": obj, "choices": [choice], **extra})
 
     try:
         for i, (_, events) in enumerate(jobs):
@@ -311,8 +359,11 @@ async def _stream(jobs, meta: dict, chat: bool):
                     yield _sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
                     break
                 else:
+                    dones.append(value)
                     yield chunk(i, finish=value["finish_reason"])
                     break
+        if include_usage and len(dones) == len(jobs):
+            yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(dones)})
         yield "data: [DONE]\n\n"
     finally:
         for job, _ in jobs:

@@ -48,9 +48,15 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--adapter-root", action="append", default=None, metavar="DIR",
                    help="folders run-time loads may read from (repeatable)")
-    p.add_argument("--max-batch", type=int, default=32, help="most requests in one generate call")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather a batch")
-    p.add_argument("--max-queue", type=int, default=256, help="pending requests before 503")
+    p.add_argument("--scheduler", choices=("continuous", "static"), default="continuous",
+                   help="continuous: rows join and leave the batch at every decoding step (default); "
+                        "static: one generate per gathered batch")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests running at once")
+    p.add_argument("--max-running-tokens", type=int, default=None,
+                   help="continuous: most prompt + max_tokens positions the running requests may reserve "
+                        "(default: 1024 per --max-batch row)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="static: how long to gather a batch")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 + Retry-After")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
@@ -69,8 +75,8 @@ def build(args):
     path = resolve(args.model, log=lambda m: print(m, file=sys.stderr))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(path, dtype=args.dtype).to(device).eval()
-    engine = Engine(model, load_tokenizer(path), max_batch=args.max_batch,
-                    batch_wait_s=args.batch_wait_ms / 1000, max_queue=args.max_queue)
+    engine = Engine(model, load_tokenizer(path), max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
+                    max_queue=args.max_queue, scheduler=args.scheduler, max_running_tokens=args.max_running_tokens)
     for name, folder in specs:
         engine.load_adapter(name, folder)
     roots = args.adapter_root or sorted({os.path.dirname(os.path.abspath(f)) for _, f in specs})

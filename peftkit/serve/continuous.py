@@ -105,7 +105,10 @@ class ContinuousScheduler:
             ctx = adapter_routing(names)
         with torch.inference_mode(), ctx:
             out = target(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
-        eng.count_forward(ids.shape[0])
+        if keep_routing:  # a decoding step (prefills are counted apart)
+            eng.count_forward(ids.shape[0])
+        else:
+            eng.prefills += 1
         return out.logits[:, -1, :].float(), kvcache.returned_cache(out)
 
     def _names(self, jobs) -> list[str]:

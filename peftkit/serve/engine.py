@@ -125,8 +125,9 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
-        self.batches = 0  # forwards that produced tokens: generate calls (static), steps (continuous)
+        self.batches = 0  # generate calls (static) or decoding steps (continuous) so far
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)  # their rows, latest
+        self.prefills = 0  # continuous: prefill forwards of admitted requests
         self._service_s = 1.0  # moving average of how long a request runs once admitted
         self._probe_model()
         from .continuous import ContinuousScheduler
