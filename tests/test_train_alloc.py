@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -124,3 +125,28 @@ def test_train_sets_it_only_for_quantised_bases(monkeypatch, argv, expected):
     with pytest.raises(_Stop):
         command.run(args)
     assert len(calls) == expected
+
+
+def test_default_thread_count_is_not_guessed_from_load(monkeypatch):
+    """A background job seen at start-up must not halve a whole run: by default every core is
+    used (shared among local ranks), busy or not."""
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from peftkit.train.loop import set_threads
+
+    before = torch.get_num_threads()
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(0.5)  # the spinner is running: a load-based guess would take a core away
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert set_threads(None) == (os.cpu_count() or 1)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_threads(None) == max(1, (os.cpu_count() or 1) // 2)
+        assert set_threads(3) == 3
+    finally:
+        spin.kill()
+        torch.set_num_threads(before)

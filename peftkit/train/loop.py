@@ -140,39 +140,14 @@ def enable_checkpointing(peft_model) -> None:
     inner.config.use_cache = False
 
 
-def _busy_cores(window: float = 0.3) -> float:
-    """Cores other processes keep busy now: sampled from /proc/stat over ``window`` seconds.
-
-    The load average lags by a minute, so right after another job ends it would still report
-    the machine busy; it is only the fallback where /proc/stat is absent.
-    """
-    import time
-
-    def sample():
-        with open("/proc/stat") as f:
-            v = [float(x) for x in f.readline().split()[1:]]
-        return sum(v) - v[3] - v[4], sum(v)
-
-    try:
-        b0, t0 = sample()
-        time.sleep(window)
-        b1, t1 = sample()
-        return (os.cpu_count() or 1) * (b1 - b0) / max(t1 - t0, 1.0)
-    except OSError:
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
 def set_threads(n: Optional[int]) -> int:
-    """Use ``n`` intra-op threads; by default the cores left idle by other processes.
+    """Use ``n`` intra-op threads; by default every core, shared among the local ranks.
 
-    OpenMP threads spin while they wait for each other, so on cores shared with other busy
-    processes two threads can run several times slower than one; the default therefore takes
-    the cores per local rank minus the current load average (at least one).
+    The count is not guessed from the machine's current load: a short-lived background job seen
+    at start-up would otherwise halve the whole run's speed (``--threads`` sets it by hand).
     """
     if n is None:
         cores = os.cpu_count() or 1
-        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        busy = _busy_cores()
-        n = max(1, min(cores // ranks, int(cores - busy + 0.5) // ranks))
+        n = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(n)
     return n
