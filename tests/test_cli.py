@@ -261,3 +261,22 @@ def test_quantize_trains_an_adapter_on_a_packed_base(mode, model_dir, datasets, 
     assert train(model_dir, tmp_path, "--data", datasets["text"], "--max-steps", "2", "--quantize", mode) == 0
     b = [t for k, t in adapter_tensors(tmp_path / "adapter").items() if "lora_B" in k]
     assert b and all(t.abs().sum() > 0 for t in b)
+
+
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer", "ln_tuning", "ia3", "loha", "lokr", "vera"])
+def test_inspect_names_the_adapted_modules_for_every_method(method, tmp_path):
+    """inspect asks each method which names begin its on-disk keys, instead of guessing from
+    prefixes: bottleneck adapters and LN tuning name their modules, not adapter_down/ln_tuning_layers."""
+    from test_methods import METHODS, build
+
+    from peftkit import get_peft_model
+    from peftkit.core.site import Site
+    from peftkit.train.tools import describe
+
+    base, cfg = build(method, "llama")
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(str(tmp_path))
+    adapted = {p.rsplit(".", 1)[-1] for p, m in model.base_model.model.named_modules() if isinstance(m, Site)}
+    info = describe(str(tmp_path))
+    assert set(info["adapted_module_names"]) == adapted
+    assert info["adapted_sites"] == sum(isinstance(m, Site) for m in model.modules())

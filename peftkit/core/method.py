@@ -243,6 +243,9 @@ class Method:
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type] = type(None)
+    #: Names that begin a site's own part of this method's on-disk keys besides those its Delta
+    #: classes declare in ``peft_names`` (child modules such as ``adapter_down``).
+    key_roots: ClassVar[tuple[str, ...]] = ()
     #: Method kind: "site" (wraps modules) or "prompt" (virtual tokens; core/prompt.py).
     kind: ClassVar[str] = "site"
 
@@ -276,6 +279,18 @@ class Method:
         """Rewrite an adapter trained on a modified base (PiSSA/OLoRA) for the original base."""
         raise ValueError(f"{self.name} adapters do not modify the base weights; "
                          "path_initial_model_for_weight_conversion applies to LoRA with PiSSA/OLoRA init")
+
+    def on_disk_roots(self) -> set[str]:
+        """First components of the site-relative keys this method writes (``lora_A``, ...): what
+        ends the adapted module's path in a key (``peftkit inspect``). Read from the Delta classes
+        in the method's module and :attr:`key_roots`, so a new method needs no list elsewhere."""
+        import sys
+
+        roots = set(self.key_roots)
+        for obj in vars(sys.modules.get(type(self).__module__, object)).values():
+            if isinstance(obj, type) and issubclass(obj, Delta):
+                roots.update(v.split(".", 1)[0] for v in obj.peft_names.values())
+        return roots
 
     def supported_sites(self) -> Iterable[str]:
         """Human-readable names of the module types this method can adapt."""

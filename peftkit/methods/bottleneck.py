@@ -164,6 +164,7 @@ class BottleneckMethod(Method):
     """Houlsby, Pfeiffer and parallel adapters at linear layers or whole blocks."""
 
     name = "BOTTLENECK"
+    key_roots = ("adapter_norm", "adapter_down", "adapter_up")
     config_cls = BottleneckConfig
 
     def prepare(self, config: BottleneckConfig, model: nn.Module) -> BottleneckConfig:

@@ -81,6 +81,7 @@ class LNTuningMethod(Method):
     """LayerNorm tuning at any normalisation layer (LayerNorm, RMSNorm, ...)."""
 
     name = "LN_TUNING"
+    key_roots = ("ln_tuning_layers",)
     config_cls = LNTuningConfig
 
     def prepare(self, config, model):

@@ -13,6 +13,7 @@ import os
 from typing import Optional
 
 from ..config import CONFIG_NAME, ConfigError, PeftConfig
+from ..core.registry import get_method
 from ..io.checkpoint import WEIGHTS_NAME, load_tensors
 from ..models import ModelLoadError
 
@@ -171,11 +172,12 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _site_of(key: str) -> str:
-    """The module path of a PEFT tensor key: up to the adapter's own part (``lora_A``, ...)."""
+def _site_of(key: str, roots: set[str]) -> str:
+    """The module path of a PEFT tensor key: up to the adapter's own part, whose first name is one
+    of the method's on-disk ``roots`` (``lora_A``, ``adapter_down``, ``ln_tuning_layers``, ...)."""
     parts = key.removeprefix("base_model.model.").split(".")
     for i, part in enumerate(parts):
-        if i and (part.startswith(("lora_", "hada_", "lokr_", "ia3_", "vera_")) or part in ("base_layer", "modules_to_save")):
+        if i and (part in roots or part in ("base_layer", "modules_to_save")):
             return ".".join(parts[:i])
     return ".".join(parts[:-1])  # a parameter of the module itself (a trained head or bias)
 
@@ -185,7 +187,9 @@ def describe(adapter: str) -> dict:
     config = PeftConfig.from_pretrained(adapter)
     tensors = load_tensors(adapter)
     weights = os.path.join(adapter, WEIGHTS_NAME)
-    sites = sorted({_site_of(k) for k in tensors})
+    roots = get_method(config.peft_type).on_disk_roots()
+    # host-level tensors (VeRA's shared base_model.vera_A) belong to no site
+    sites = sorted({_site_of(k, roots) for k in tensors if k.startswith("base_model.model.")})
     modules = sorted({s.rsplit(".", 1)[-1] for s in sites})
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     out = {
