@@ -116,6 +116,15 @@ class OFTConfig(PeftConfig):
             raise ConfigError(f"{name}.init_weights must be true or false, got {self.init_weights!r}.")
         check_layers(self)
 
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's fields, plus ``peft_version``: PEFT reads a file without it as written before 0.18,
+        whose Cayley-Neumann series differed, and warns; the series here is 0.18's and later."""
+        return {**super().to_dict(), "peft_version": NEUMANN_FORMAT}
+
+
+#: The Hugging Face PEFT release whose OFT files (Cayley-Neumann series included) this module writes.
+NEUMANN_FORMAT = "0.21.2"
+
 
 # ----- the rotation's math (shared with BOFT) -----------------------------------------------
 def cayley(skew: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
