@@ -8,7 +8,7 @@ PeftModel around it. Names, arguments and results follow PEFT 0.21.
 
 Nothing here re-implements the format: keys, checks and copies come from
 :mod:`peftkit.io.peft_format` and :mod:`peftkit.io.checkpoint`, injection from
-:class:`peftkit.core.host.AdapterHost`.
+:class:`peftkit.core.host.AdapterHost`, checks and errors from the host.
 
 Keys: on a :class:`~peftkit.model.PeftModel` they read ``base_model.model.<path>.<suffix>``
 (prompt methods: ``prompt_embeddings``, as PEFT writes them). On a model returned by
@@ -21,30 +21,25 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections import namedtuple
 from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .config import PeftConfig
-from .core.host import AdapterHost
-from .core.prompt import PromptHost, is_prompt_config
+from .core.host import AdapterHost, Host, IncompatibleKeys, method_kind
 from .io.checkpoint import CheckpointError, load_tensors
-from .io.peft_format import HOST_PREFIX, PREFIX, adapter_state_dict, apply_plan
-from .model import PeftModel, plan_adapter_load
+from .io.peft_format import HOST_PREFIX, PREFIX, apply_plan
+from .model import PeftModel
 
 #: Where :func:`inject_adapter_in_model` keeps the AdapterHost on the user's model. It is stored
 #: in the instance ``__dict__`` directly, not registered as a submodule: the host holds the model,
 #: so registering it would put a cycle in the module tree (and in ``state_dict``).
 _HOST_ATTR = "_peftkit_adapter_host"
 
-#: What :func:`set_peft_model_state_dict` returns, shaped like torch's ``load_state_dict`` result.
-IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
-
 
 # ===== which host, which key spelling ==================================================
-def _host_and_prefix(model: nn.Module) -> tuple[Union[AdapterHost, PromptHost], str]:
+def _host_and_prefix(model: nn.Module) -> tuple[Host, str]:
     """The host that owns ``model``'s adapters, and the prefix its keys carry (PEFT's rule)."""
     if isinstance(model, PeftModel):
         return model.base_model, PREFIX
@@ -57,12 +52,6 @@ def _host_and_prefix(model: nn.Module) -> tuple[Union[AdapterHost, PromptHost], 
         "adapters. If the model is wrapped (DDP, FSDP, DeepSpeed), pass the unwrapped model "
         "(model.module); after torch.compile pass unwrap_compiled=True."
     )
-
-
-def _check_name(host, adapter_name: str) -> None:
-    if adapter_name not in host.peft_config:
-        raise ValueError(f"Unknown adapter {adapter_name!r}; this model holds {sorted(host.peft_config)}. "
-                         "Pass adapter_name= one of these.")
 
 
 def _to_user_key(key: str, prefix: str) -> str:
@@ -109,11 +98,8 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[Mapping[str
     if save_embedding_layers not in ("auto", False):
         raise ValueError(f"save_embedding_layers must be 'auto' or False, got {save_embedding_layers!r}.")
     host, prefix = _host_and_prefix(model)
-    _check_name(host, adapter_name)
-    if isinstance(host, PromptHost):
-        tensors = host.adapter_state_dict(adapter_name)
-    else:
-        tensors = adapter_state_dict(host, adapter_name)
+    host.check_known(adapter_name)
+    tensors = host.adapter_state_dict(adapter_name)
     if state_dict is not None:
         tensors = _values_from(model, tensors, state_dict)
     return {_to_user_key(k, prefix): v for k, v in tensors.items()}
@@ -165,7 +151,8 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[s
         weights); ``unexpected_keys`` is always empty, since an unexpected tensor is an error.
 
     ``ignore_mismatched_sizes=True`` is refused (a wrongly shaped tensor is always an error);
-    ``low_cpu_mem_usage`` is accepted and changes nothing (adapters are initialised normally).
+    ``low_cpu_mem_usage`` needs nothing extra: an adapter added with ``low_cpu_mem_usage=True``
+    (tensors on the meta device) is given the dict's tensors on its layers' device either way.
     """
     if ignore_mismatched_sizes:
         raise ValueError("ignore_mismatched_sizes=True is not supported: peftkit refuses a tensor whose shape "
@@ -175,7 +162,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[s
         raise TypeError(f"peft_model_state_dict must be a dict of name -> tensor, got "
                         f"{type(peft_model_state_dict).__name__}.")
     host, prefix = _host_and_prefix(model)
-    _check_name(host, adapter_name)
+    host.check_known(adapter_name)
     tensors = {}
     for key, value in peft_model_state_dict.items():
         if not isinstance(value, torch.Tensor):
@@ -183,12 +170,13 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[s
         tensors[_from_user_key(key, prefix)] = value
     source = "set_peft_model_state_dict"
     try:
-        plan = plan_adapter_load(host, adapter_name, tensors, source)
+        plan = host.load_plan(adapter_name, tensors, source)
     except CheckpointError as e:
         if prefix == PREFIX:
             raise
         # name the tensors as this model's keys spell them (no base_model.model. prefix)
         raise CheckpointError(str(e).replace(f"'{PREFIX}", "'")) from None
+    host.materialize(plan, adapter_name)  # an adapter added with low_cpu_mem_usage=True is on meta
     apply_plan(plan)
     loaded = {id(dest) for dest, _ in plan}
     missing = [k for k, t in model.state_dict(keep_vars=True).items() if id(t) not in loaded]
@@ -257,7 +245,8 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     Args:
         state_dict: optional PEFT-keyed adapter dict; only its keys are used, to find the layers
             to adapt when the config's ``target_modules`` is not known (PEFT's meaning).
-        low_cpu_mem_usage: accepted; the adapter is initialised as usual (it is small).
+        low_cpu_mem_usage: create the adapter's tensors on the meta device (to be filled by
+            :func:`set_peft_model_state_dict`), as PEFT does.
     """
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) instead.")
@@ -266,7 +255,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a peftkit config (LoraConfig(...) ...), got "
                         f"{type(peft_config).__name__}.")
-    if is_prompt_config(peft_config):
+    if method_kind(peft_config) == "prompt":
         raise ValueError(f"inject_adapter_in_model does not support {peft_config.peft_type}: prompt methods add "
                          "virtual tokens or attention prefixes at the model's input, which needs the wrapper. "
                          "Use get_peft_model(model, config).")
@@ -274,8 +263,8 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         peft_config = _targets_from_keys(peft_config, model, state_dict)
     host = model.__dict__.get(_HOST_ATTR) or AdapterHost(model)
     trainable = [(p, p.requires_grad) for p in model.parameters()]  # to restore on refusal
-    host.inject(adapter_name, peft_config)
-    shared = [k for k in adapter_state_dict(host, adapter_name)
+    host.inject(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+    shared = [k for k in host.adapter_state_dict(adapter_name)
               if k.startswith(HOST_PREFIX) and not k.startswith(PREFIX)]
     if shared:
         host.delete_adapter(adapter_name)

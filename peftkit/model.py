@@ -1,9 +1,10 @@
 """PeftModel: the user-facing wrapper (forward, generate, adapters, merging, save/load).
 
 The structure mirrors Hugging Face PEFT so that parameter paths and habits carry over:
-``peft_model.base_model`` is the :class:`~peftkit.core.host.AdapterHost` and
-``peft_model.base_model.model`` the user's model. Task subclasses only add task defaults
-(classification heads trained in full).
+``peft_model.base_model`` is the host (:mod:`peftkit.core.host`: ``AdapterHost`` for layer
+methods, ``PromptHost`` for prompt methods) and ``peft_model.base_model.model`` the user's model.
+PeftModel only forwards to the host, which owns the adapter lifecycle. Task subclasses only add
+task defaults (classification heads trained in full).
 """
 from __future__ import annotations
 
@@ -16,13 +17,9 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, PeftType, TaskType
-from .core.host import AdapterHost
-from .core.method import weights_from_checkpoint
+from .core.host import IncompatibleKeys, host_for
 from .core.packed import packed_numel
-from .core.prompt import PromptHost, is_prompt_config
-from .core.site import BASE, adapter_routing
 from .io.checkpoint import WEIGHTS_NAME, atomic_save_tensors, load_tensors
-from .io.peft_format import adapter_state_dict, apply_plan, load_plan
 
 
 class PeftModel(nn.Module):
@@ -37,11 +34,12 @@ class PeftModel(nn.Module):
     #: modules trained in full by default for this task (classification heads)
     task_heads: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any):
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **_: Any):
         super().__init__()
-        # prompt methods (virtual tokens) have their own host: core/prompt.py
-        self.base_model = PromptHost(model) if is_prompt_config(peft_config) else AdapterHost(model)
-        self.add_adapter(adapter_name, peft_config)
+        self.base_model = host_for(peft_config)(model)  # prompt methods: core/prompt.py
+        self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
+                         autocast_adapter_dtype=autocast_adapter_dtype)
 
     # ----- passthrough ----------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -86,54 +84,33 @@ class PeftModel(nn.Module):
         return names or None
 
     # ----- running --------------------------------------------------------------------
-    def _routing(self, adapter_names: Optional[list[str]], reuse: bool = False):
-        if adapter_names is None:
-            return contextlib.nullcontext()
-        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
-        if unknown:
-            raise ValueError(f"adapter_names contains unknown adapters {unknown}; loaded: "
-                             f"{sorted(self.peft_config)} (use '{BASE}' for the base model alone).")
-        return adapter_routing(adapter_names, reuse=reuse)
-
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """Run the model; ``adapter_names[i]`` picks row ``i``'s adapter for a mixed batch."""
-        if isinstance(self.base_model, PromptHost):
-            _no_mixed_prompts(adapter_names)
-            return self.base_model(*args, **kwargs)
-        with self._routing(adapter_names):
-            return self.base_model.model(*args, **kwargs)
+        return self.base_model(*args, adapter_names=adapter_names, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """The base model's ``generate`` with the adapters applied (per row with ``adapter_names``)."""
-        if isinstance(self.base_model, PromptHost):
-            _no_mixed_prompts(adapter_names)
-            return self.base_model.generate(*args, **kwargs)
-        with self._routing(adapter_names, reuse=True):  # the same rows at every decode step
-            return self.base_model.model.generate(*args, **kwargs)
+        return self.base_model.generate(*args, adapter_names=adapter_names, **kwargs)
 
     # ----- adapters ---------------------------------------------------------------------
-    def _with_task_heads(self, config: PeftConfig) -> PeftConfig:
-        if not self.task_heads or not hasattr(config, "modules_to_save"):
-            return config
-        present = {p.rsplit(".", 1)[-1] for p, _ in self.base_model.model.named_modules()}
-        heads = [h for h in self.task_heads if h in present]
-        extra = list(config.modules_to_save or [])
-        for h in heads:
-            if h not in extra:
-                extra.append(h)
-        return dataclasses.replace(config, modules_to_save=extra or None)
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter (inactive unless it is the first one).
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new adapter (inactive unless it is the first one)."""
-        if is_prompt_config(peft_config) != isinstance(self.base_model, PromptHost):
-            raise ValueError(f"A {peft_config.peft_type} adapter cannot be added to a model holding "
-                             f"{sorted({c.peft_type for c in self.peft_config.values()})} adapters: prompt methods "
-                             "and layer methods do not mix in one PeftModel. Wrap a fresh base model instead.")
-        self.base_model.inject(adapter_name, self._with_task_heads(peft_config))
+        ``autocast_adapter_dtype``: over float16/bfloat16 layers the adapter is kept in float32
+        (True, PEFT's default) or in the layer's dtype (False). ``low_cpu_mem_usage``: its
+        tensors are created on the meta device, to be filled by ``set_peft_model_state_dict``.
+        """
+        self.base_model.inject(adapter_name, peft_config, task_heads=self.task_heads,
+                               autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
 
-    def set_adapter(self, adapter_name: Union[str, Iterable[str]]) -> None:
-        """Activate the named adapter(s); only active adapters train."""
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: Union[str, Iterable[str]], inference_mode: bool = False) -> None:
+        """Activate the named adapter(s); only active adapters train (none with ``inference_mode``)."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: Union[str, Iterable[str]], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' parameters, active or not (PEFT's method)."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its weights."""
@@ -186,9 +163,8 @@ class PeftModel(nn.Module):
     # ----- save / load ------------------------------------------------------------------
     def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """Adapter tensors under Hugging Face PEFT's keys (what save_pretrained writes)."""
-        if isinstance(self.base_model, PromptHost):
-            return self.base_model.adapter_state_dict(adapter_name)
-        return adapter_state_dict(self.base_model, adapter_name)
+        self.base_model.check_known(adapter_name)
+        return self.base_model.adapter_state_dict(adapter_name)
 
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
                         safe_serialization: bool = True, **kwargs: Any) -> None:
@@ -204,8 +180,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
         names = selected_adapters or list(self.peft_config)
         for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"Unknown adapter {name!r}; loaded: {sorted(self.peft_config)}")
+            self.base_model.check_known(name)
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             tensors = self.get_adapter_state_dict(name)
             cfg = self.peft_config[name]
@@ -221,51 +196,62 @@ class PeftModel(nn.Module):
             cfg.save_pretrained(folder)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     config: Optional[PeftConfig] = None, **kwargs: Any) -> None:
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict[str, str]] = None, *, config: Optional[PeftConfig] = None,
+                     **kwargs: Any) -> IncompatibleKeys:
         """Load a saved adapter (peftkit's or Hugging Face PEFT's) under ``adapter_name``.
 
         Weights are read and checked before the model changes; on any mismatch the model is
         left exactly as it was and the error names the first offending tensor. An adapter loaded
-        for inference (``is_trainable=False``) is packed when its method allows (plain LoRA on
-        linear layers): its weights stay in the one buffer the file was read into, with a record
-        per layer instead of a module (peftkit/core/packed.py). ``packed=False`` keeps modules.
+        for inference (``is_trainable=False``) puts the model in eval mode (as PEFT does) and is
+        packed when its method allows (plain LoRA on linear layers): its weights stay in the one
+        buffer the file was read into, with a record per layer instead of a module
+        (peftkit/core/packed.py). ``packed=False`` keeps modules. Returns the load result
+        (``missing_keys``, ``unexpected_keys``: both empty, since any mismatch is an error).
+        ``torch_device`` and ``ephemeral_gpu_offload`` are accepted: adapter tensors always go to
+        their layer's device.
         """
-        config = config or PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else model_id
-        tensors = load_tensors(folder)
-        with weights_from_checkpoint():
-            self.add_adapter(adapter_name, config)
-        try:
-            plan = plan_adapter_load(self.base_model, adapter_name, tensors, folder)
-            apply_plan(plan, source=tensors, frozen=not is_trainable)
-        except BaseException:
-            self.base_model.delete_adapter(adapter_name)
-            raise
-        _maybe_pack(self.base_model, adapter_name, is_trainable, kwargs)
+        return self._load(model_id, adapter_name, is_trainable, config, kwargs, key_mapping=key_mapping,
+                          autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict[str, str]] = None,
                         **kwargs: Any) -> "PeftModel":
-        """Wrap ``model`` with the adapter saved in ``model_id`` (a local folder); packed as in
-        :meth:`load_adapter` unless ``is_trainable`` or ``packed=False``."""
+        """Wrap ``model`` with the adapter saved in ``model_id`` (a local folder): as
+        :meth:`load_adapter`, so in eval mode and packed unless ``is_trainable`` or ``packed=False``."""
         config = config or PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else model_id
-        tensors = load_tensors(folder)  # read before touching the model
         if cls is PeftModel and config.task_type in TASK_CLASSES:
             cls = TASK_CLASSES[config.task_type]
-        with weights_from_checkpoint():
-            peft_model = cls(model, config, adapter_name)
-        try:
-            plan = plan_adapter_load(peft_model.base_model, adapter_name, tensors, folder)
-            apply_plan(plan, source=tensors, frozen=not is_trainable)
-        except BaseException:
-            peft_model.base_model.unload()
-            raise
-        _maybe_pack(peft_model.base_model, adapter_name, is_trainable, kwargs)
+        peft_model = cls.__new__(cls)
+        nn.Module.__init__(peft_model)
+        peft_model.base_model = host_for(config)(model)
+        peft_model._load(model_id, adapter_name, is_trainable, config, kwargs, key_mapping=key_mapping,
+                         autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
         return peft_model
+
+    def _load(self, model_id: str, adapter_name: str, is_trainable: bool, config: Optional[PeftConfig],
+              kwargs: dict, key_mapping: Optional[dict[str, str]] = None, **inject_kw: Any) -> IncompatibleKeys:
+        """The one load routine: read config and tensors (before the model changes), inject
+        without initialising, fill and check (rolled back on error), then eval mode for inference."""
+        subfolder = kwargs.get("subfolder")
+        config = config or PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        folder = os.path.join(model_id, subfolder) if subfolder else model_id
+        tensors = load_tensors(folder)
+        if key_mapping:
+            from .functional import _remap
+
+            tensors = _remap(tensors, key_mapping)
+        result = self.base_model.add_saved(adapter_name, config, tensors, folder, is_trainable=is_trainable,
+                                           packed=kwargs.get("packed", True), task_heads=self.task_heads,
+                                           **inject_kw)
+        if not is_trainable:
+            self.eval()
+        return result
 
     # ----- combining and hot-swapping (peftkit/combine.py, peftkit/hotswap.py) ----------
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
@@ -283,24 +269,9 @@ class PeftModel(nn.Module):
 
 
 def plan_adapter_load(host, adapter_name, tensors, source):
-    """(destination, tensor) pairs that load ``tensors`` into adapter ``adapter_name`` of ``host``
-    (a prompt method's host or a layer host), checked by name and shape; ``source`` names them in
-    errors."""
-    if isinstance(host, PromptHost):
-        return host.load_plan(adapter_name, tensors, source)
-    return load_plan(host, adapter_name, tensors, source)
-
-
-def _maybe_pack(host, adapter_name: str, is_trainable: bool, kwargs: dict) -> None:
-    """Pack an adapter loaded for inference (core/packed.py) unless ``packed=False`` was given."""
-    if not is_trainable and kwargs.get("packed", True) and isinstance(host, AdapterHost):
-        host.pack(adapter_name)
-
-
-def _no_mixed_prompts(adapter_names) -> None:
-    if adapter_names is not None:
-        raise ValueError("adapter_names (mixed-adapter batches) is not supported with prompt methods; "
-                         "set_adapter() one adapter and run the batch with it.")
+    """(destination, tensor) pairs that load ``tensors`` into adapter ``adapter_name`` of ``host``,
+    checked by name and shape; ``source`` names them in errors."""
+    return host.load_plan(adapter_name, tensors, source)
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -354,4 +325,5 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter.")
     cls = TASK_CLASSES.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)

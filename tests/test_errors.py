@@ -199,6 +199,10 @@ def test_mergeable_unmerge_of_merged_adapter_on_delete():
     w = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     model.merge_adapter()
+    with pytest.raises(ValueError, match="while they are merged"):  # PEFT refuses too; nothing changes
+        model.delete_adapter("default")
+    assert "default" in model.peft_config
+    model.unmerge_adapter()
     model.delete_adapter("default")
     torch.testing.assert_close(base.model.layers[0].self_attn.q_proj.weight, w, atol=1e-6, rtol=0)
     assert isinstance(base.model.layers[0].self_attn.q_proj, torch.nn.Linear)

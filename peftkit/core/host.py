@@ -1,33 +1,79 @@
-"""AdapterHost: owns the user's model and every adapter injected into it.
+"""Hosts: own the user's model and every adapter in it, through one lifecycle.
 
-``PeftModel.base_model`` is an AdapterHost whose ``model`` attribute is the user's model, so
-parameter paths read ``base_model.model.<path>`` as in Hugging Face PEFT's files. The host is
-method-agnostic: it asks the registered Method for targets and Deltas, and manages activation,
-trainability, merging and removal through the Sites.
+``PeftModel.base_model`` is a host whose ``model`` attribute is the user's model, so parameter
+paths read ``base_model.model.<path>`` as in Hugging Face PEFT's files. :class:`Host` is the one
+adapter lifecycle (name checks, inject with rollback, task heads, set/delete, enable/disable,
+trainability switches, the load pipeline); two strategies fill in what differs:
+
+- :class:`AdapterHost` (``kind = "site"``): methods that put a Delta on targeted modules (Sites);
+- ``core/prompt.py: PromptHost`` (``kind = "prompt"``): methods that add tokens or attention.
+
+:func:`host_for` picks the strategy for a config from its registered Method's ``kind``, so no
+caller tests host types.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-from typing import Iterable, Iterator, Union
+import warnings
+from collections import namedtuple
+from typing import Any, ClassVar, Iterable, Iterator, Optional, Union
 
+import torch
 from torch import nn
 
 from ..quant.prepare import guard_quantized
 from .copies import ModuleCopy
 from .inject import attach, detach, iter_candidates, no_match_error, sites
-from .method import UnsupportedSite
+from .method import UnsupportedSite, is_placeholder, weights_from_checkpoint
 from .packed import STORE_KEY, pack_adapter, unpack_adapter
 from .registry import get_method
-from .site import BASE, Site
+from .site import BASE, Site, adapter_routing
+
+#: What loading adapter weights returns, as torch's ``load_state_dict`` (and PEFT's loaders) do.
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+#: Method kind -> host class (filled as the host classes are defined).
+HOSTS: dict[str, type["Host"]] = {}
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _as_list(names: Union[str, Iterable[str]]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-class AdapterHost(nn.Module):
-    """The tuner wrapper around the user's model (``self.model``)."""
+def unknown_adapter(name: Any, loaded: Iterable[str]) -> ValueError:
+    """The one "no such adapter" error (PEFT raises ValueError too, saying it does not exist)."""
+    return ValueError(f"Unknown adapter {name!r}: it does not exist in this model (not found among the loaded "
+                      f"adapters {sorted(loaded)}). Pass one of these names.")
+
+
+def method_kind(config) -> str:
+    """``"site"`` or ``"prompt"``: which host strategy ``config``'s method needs."""
+    return getattr(get_method(config.peft_type), "kind", "site")
+
+
+def host_for(config) -> type["Host"]:
+    """The host class for ``config`` (``AdapterHost`` for site methods, ``PromptHost`` for prompts)."""
+    kind = method_kind(config)
+    if kind not in HOSTS:  # the prompt host registers itself on import
+        from . import prompt  # noqa: F401
+    return HOSTS[kind]
+
+
+class Host(nn.Module):
+    """The adapter lifecycle shared by every method; subclasses implement the strategy hooks
+    (``_add``, ``_drop``, ``_activate``, ``_apply_trainability``, ``_adapter_params``,
+    ``_switch_off``/``_switch_on``, ``adapter_state_dict``, ``load_plan``)."""
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("kind"):
+            HOSTS[cls.kind] = cls
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -35,6 +81,338 @@ class AdapterHost(nn.Module):
         self.model = model
         self.peft_config: dict = {}
         self.active_adapters: list[str] = []
+        self._off = None  # state saved by disable_adapter_layers(), None while enabled
+
+    # ----- names --------------------------------------------------------------------
+    def check_known(self, names: Union[str, Iterable[str]]) -> list[str]:
+        """``names`` as a list; raises :func:`unknown_adapter` for the first name not loaded."""
+        names = _as_list(names)
+        for n in names:
+            if n not in self.peft_config:
+                raise unknown_adapter(n, self.peft_config)
+        return names
+
+    def check_new(self, name: str, config) -> None:
+        """Refuse a taken or reserved name, and a method this host's strategy cannot hold."""
+        if name in self.peft_config:
+            raise ValueError(f"Adapter with name {name!r} already exists; pick another name or "
+                             "delete_adapter() it first.")
+        if name in (BASE, STORE_KEY):
+            raise ValueError(f"{name!r} is reserved ({BASE!r} names the base model in mixed batches, "
+                             f"{STORE_KEY!r} the packed adapters' store); pick another adapter name.")
+        if method_kind(config) != self.kind:
+            raise ValueError(f"A {config.peft_type} adapter cannot be added to a model holding "
+                             f"{sorted({c.peft_type for c in self.peft_config.values()})} adapters: prompt methods "
+                             "and layer methods do not mix in one PeftModel. Wrap a fresh base model instead.")
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        """The active adapter's name (a list when several are active), as PEFT's tuner has it."""
+        a = self.active_adapters
+        return a[0] if len(a) == 1 else list(a)
+
+    # ----- injection (template) -------------------------------------------------------
+    def inject(self, adapter_name: str, config, task_heads: Iterable[str] = (),
+               autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        """Add adapter ``adapter_name`` described by ``config``; on any error nothing is left behind.
+
+        ``task_heads``: module names trained in full for the task (added to ``modules_to_save``
+        where present). ``autocast_adapter_dtype``: adapters over float16/bfloat16 layers are kept
+        in float32 (True, PEFT's default) or in the layer's dtype (False). ``low_cpu_mem_usage``:
+        the adapter's tensors are created on the meta device, to be filled by a load.
+        """
+        self.check_new(adapter_name, config)
+        method = get_method(config.peft_type)
+        config = method.prepare(self._with_task_heads(config, task_heads), self.model)
+        try:
+            made = self._add(adapter_name, config, method)
+            made += self._add_heads(adapter_name, config)
+            self.peft_config[adapter_name] = config
+            self._added(adapter_name, config, method, made)
+        except BaseException:
+            self._remove(adapter_name, config)
+            raise
+        self._set_dtypes(adapter_name, made, autocast_adapter_dtype, low_cpu_mem_usage)
+        self.set_adapter(self.active_adapters or adapter_name)
+
+    def _with_task_heads(self, config, task_heads: Iterable[str]):
+        heads = list(task_heads)
+        if not heads or not hasattr(config, "modules_to_save"):
+            return config
+        present = {p.rsplit(".", 1)[-1] for p, _ in self.model.named_modules()}
+        extra = list(config.modules_to_save or [])
+        extra += [h for h in heads if h in present and h not in extra]
+        return dataclasses.replace(config, modules_to_save=extra or None)
+
+    def _heads(self, config) -> list[str]:
+        names = getattr(config, "modules_to_save", None) or []
+        if not names:
+            return []
+        return [p for p, _ in iter_candidates(self.model) if any(p == n or p.endswith("." + n) for n in names)]
+
+    def _add_heads(self, name: str, config) -> list[Site]:
+        """Full trainable copies of the ``modules_to_save`` modules (task heads)."""
+        made = []
+        for path in self._heads(config):
+            module = self.model.get_submodule(path)
+            base = module.base_layer if isinstance(module, Site) else module
+            if isinstance(module, Site) and (module.deltas.npacked or not all(
+                    type(d) is ModuleCopy for _, d in module.deltas.modules_only())):
+                raise ValueError(f"{path} is an adapter target; it cannot also be in modules_to_save")
+            made.append(attach(self.model, path, name, ModuleCopy(base)))
+        return made
+
+    def _remove(self, name: str, config) -> None:
+        """Take adapter ``name`` out of every Site and drop the strategy's state (no checks)."""
+        for path, site in list(sites(self.model)):
+            if name in site.deltas:
+                detach(self.model, path, name)
+        self._drop(name, config)
+        self.peft_config.pop(name, None)
+
+    def _set_dtypes(self, name: str, made: list[Site], autocast: bool, on_meta: bool) -> None:
+        """PEFT's dtype rule for new adapter tensors: float16/bfloat16 become float32 when
+        ``autocast`` (else they follow their layer's dtype); ``on_meta`` moves them to meta."""
+        for owner, tensor_dict in self._tensor_owners(name, made):
+            for key, t in list(tensor_dict.items()):
+                if t is None or not t.is_floating_point():
+                    continue
+                dtype = t.dtype
+                if autocast and dtype in _HALF:
+                    dtype = torch.float32
+                elif not autocast and owner is not None and owner in _HALF:
+                    dtype = owner
+                device = "meta" if on_meta else t.device
+                if dtype == t.dtype and device == t.device:
+                    continue
+                if is_placeholder(t) or on_meta:
+                    new = torch.empty(1, dtype=dtype, device=device).expand(*t.shape)
+                else:
+                    new = t.detach().to(dtype)
+                if isinstance(t, nn.Parameter):
+                    t.data = new
+                else:
+                    tensor_dict[key] = new
+
+    def _tensor_owners(self, name: str, made: list[Site]):
+        """(layer dtype or None, a module's ``_parameters``/``_buffers``) for adapter ``name``'s
+        tensors; PEFT casts layer adapters only (not prompt encoders, not full copies)."""
+        return ()
+
+    # ----- activation and trainability --------------------------------------------
+    def set_adapter(self, names: Union[str, Iterable[str]], inference_mode: bool = False) -> None:
+        """Activate exactly ``names``; their parameters train unless in inference mode (the
+        config's, or ``inference_mode=True`` here, which only freezes them)."""
+        names = self.check_known(names)
+        self._check_active(names)
+        self.active_adapters = names
+        self._activate(names)
+        self._apply_trainability()
+        if inference_mode:
+            self.set_requires_grad(names, False)
+
+    def set_requires_grad(self, adapter_names: Union[str, Iterable[str]], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' parameters (active or not), as PEFT does."""
+        for n in self.check_known(adapter_names):
+            for p in self._adapter_params(n):
+                p.requires_grad_(requires_grad)
+            self._trainable_changed(n, requires_grad)
+
+    def _check_active(self, names: list[str]) -> None:
+        """Refuse a set of active adapters this strategy cannot run."""
+
+    def _trainable_changed(self, name: str, on: bool) -> None:
+        """Bookkeeping after :meth:`set_requires_grad`."""
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` everywhere; the original modules return where no adapter is left.
+
+        A merged adapter is refused (PEFT's rule): unmerge it first.
+        """
+        self.check_known(name)
+        if self._merged_names() & {name}:
+            raise ValueError(f"Cannot delete adapter(s) [{name!r}] while they are merged into the base weights. "
+                             "Please unmerge them first (unmerge_adapter()).")
+        self._remove(name, self.peft_config[name])
+        self._reactivate(name)
+
+    def _reactivate(self, removed: str) -> None:
+        """After ``removed`` is gone: the other active adapters stay, else the first one loaded."""
+        remaining = [a for a in self.active_adapters if a != removed] or list(self.peft_config)[:1]
+        self.active_adapters = []
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self._activate([])
+            self._apply_trainability()
+
+    # ----- enabling and disabling ----------------------------------------------------
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until :meth:`enable_adapter_layers` (no-op when already off)."""
+        if self._off is None:
+            self._off = self._switch_off()
+
+    def enable_adapter_layers(self) -> None:
+        """Undo :meth:`disable_adapter_layers` (no-op when on)."""
+        if self._off is not None:
+            state, self._off = self._off, None
+            self._switch_on(state)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model alone inside the block; nested blocks are no-ops, and the previous
+        state returns on exit, exception or not."""
+        if self._off is not None:
+            yield
+            return
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    # ----- merging -------------------------------------------------------------------
+    def _merged_names(self) -> set[str]:
+        return {n for _, site in sites(self.model) for n in site.merged}
+
+    def merge(self, names=None, safe_merge: bool = False) -> None:
+        """Merge ``names`` (default: the active adapters) into the base weights; merging what is
+        already merged warns and changes nothing (PEFT's warnings)."""
+        names = self.active_adapters if names is None else self.check_known(names)
+        merged = self._merged_names()
+        if merged:
+            todo = [n for n in names if n not in merged]
+            if todo:
+                warnings.warn(f"Already following adapters were merged {','.join(sorted(merged))}. You are now "
+                              f"additionally merging {','.join(todo)}.", UserWarning, stacklevel=3)
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=3)
+                return
+        for _, site in sites(self.model):
+            site.merge(names, safe_merge=safe_merge)
+
+    def unmerge(self) -> None:
+        """Undo every merge (warns when nothing is merged, as PEFT does)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=3)
+            return
+        for _, site in sites(self.model):
+            site.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        """True when some adapter is merged into some site."""
+        return any(site.merged for _, site in sites(self.model))
+
+    def unload(self, merge: bool = False, names=None, safe_merge: bool = False) -> nn.Module:
+        """Put the original modules back, merging ``names`` first when ``merge``; returns the model."""
+        if merge:
+            self.merge(names, safe_merge=safe_merge)
+        elif self.merged:
+            self.unmerge()
+        for path, site in list(sites(self.model)):
+            parent_path, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            setattr(parent, child, site.base_layer)
+        for name in list(self.peft_config):
+            self._drop(name, self.peft_config[name])
+            del self.peft_config[name]
+        self.active_adapters = []
+        self._off = None
+        self._activate([])
+        return self.model
+
+    # ----- packing (site adapters only) ------------------------------------------------
+    def pack(self, name: str) -> bool:
+        """Keep inference adapter ``name`` packed (core/packed.py); False when not eligible."""
+        return False
+
+    def unpack(self, name: str) -> bool:
+        """Give packed adapter ``name`` its own Delta modules again (False: it was not packed)."""
+        return False
+
+    # ----- the load pipeline -----------------------------------------------------------
+    def load_weights(self, name: str, tensors: dict, source: str, is_trainable: bool = False,
+                     packed: bool = True) -> IncompatibleKeys:
+        """Fill adapter ``name`` (just injected) from ``tensors``: checked by name and shape before
+        anything is written; on error the adapter is removed again. Inference adapters are then
+        packed where their method allows, unless ``packed=False``."""
+        try:
+            plan = self.load_plan(name, tensors, source)
+            self.materialize(plan, name)
+            from ..io.peft_format import apply_plan
+
+            apply_plan(plan, source=tensors, frozen=not is_trainable)
+        except BaseException:
+            self._remove(name, self.peft_config[name])
+            self._reactivate(name)
+            raise
+        if not is_trainable and packed:
+            self.pack(name)
+        return IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+    def add_saved(self, name: str, config, tensors: dict, source: str, is_trainable: bool = False,
+                  packed: bool = True, **inject_kw: Any) -> IncompatibleKeys:
+        """Inject adapter ``name`` without initialising it, then :meth:`load_weights`."""
+        with weights_from_checkpoint():
+            self.inject(name, config, **inject_kw)
+        return self.load_weights(name, tensors, source, is_trainable, packed)
+
+    def materialize(self, plan, name: str) -> None:
+        """Destinations still on the meta device (``low_cpu_mem_usage``) get placeholder storage
+        on their layer's device, so that loading assigns the file's tensors to them."""
+        devices = self._devices(name)
+        for dest, _ in plan:
+            if dest.is_meta:
+                dev = devices.get(id(dest), torch.device("cpu"))
+                dest.data = torch.empty(1, dtype=dest.dtype, device=dev).expand(*dest.shape)
+
+    def _devices(self, name: str) -> dict[int, torch.device]:
+        """id(tensor) -> the device adapter ``name``'s tensor belongs on."""
+        return {}
+
+    # ----- strategy hooks ------------------------------------------------------------------
+    def _add(self, name: str, config, method) -> list[Site]:
+        raise NotImplementedError
+
+    def _added(self, name: str, config, method, made: list[Site]) -> None:
+        """After the adapter is in place and registered (method hooks, parameter lists)."""
+
+    def _drop(self, name: str, config) -> None:
+        """Forget the strategy's state for ``name`` (its Sites are already detached)."""
+
+    def _activate(self, names: list[str]) -> None:
+        for _, site in sites(self.model):
+            site.set_active(names)
+
+    def _apply_trainability(self) -> None:
+        raise NotImplementedError
+
+    def _adapter_params(self, name: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def _switch_off(self):
+        raise NotImplementedError
+
+    def _switch_on(self, state) -> None:
+        raise NotImplementedError
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors under Hugging Face PEFT's keys."""
+        raise NotImplementedError
+
+    def load_plan(self, name: str, tensors: dict, source: str):
+        """(destination, value) pairs for ``tensors``; raises CheckpointError naming a mismatch."""
+        raise NotImplementedError
+
+
+class AdapterHost(Host):
+    """The host of site methods: a Delta per targeted module (``self.model``'s Sites)."""
+
+    kind = "site"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
         self.trainable_base: dict[str, set[str]] = {}  # adapter -> base parameter names it trains
         # Trainability bookkeeping, so that set/add/delete cost what changes, not what is loaded:
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its Deltas' parameters
@@ -55,91 +433,85 @@ class AdapterHost(nn.Module):
                     return functools.partial(fn, self)
             raise
 
-    # ----- injection ------------------------------------------------------------------
-    def inject(self, adapter_name: str, config) -> None:
-        """Add adapter ``adapter_name`` described by ``config`` to every targeted module.
+    # ----- running --------------------------------------------------------------------
+    def _routing(self, adapter_names: Optional[list[str]], reuse: bool = False):
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names contains unknown adapters {unknown}; loaded: "
+                             f"{sorted(self.peft_config)} (use '{BASE}' for the base model alone).")
+        return adapter_routing(adapter_names, reuse=reuse)
 
-        On any error nothing is left half-injected: the sites added so far are removed.
-        """
-        if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name "
-                             "or delete_adapter() it first.")
-        if adapter_name in (BASE, STORE_KEY):
-            raise ValueError(f"{adapter_name!r} is reserved ({BASE!r} names the base model in mixed batches, "
-                             f"{STORE_KEY!r} the packed adapters' store); pick another adapter name.")
-        method = get_method(config.peft_type)
-        config = method.prepare(config, self.model)
-        done: list[str] = []
-        made: list[Site] = []  # the Sites given a Delta or copy, for the parameter list below
-        try:
-            targets = [(p, m) for p, m in iter_candidates(self.model)
-                       if method.is_target(config, p, m, self.model)]
-            if not targets:
-                raise no_match_error(config, self.model)
-            for path, module in targets:
-                base = module.base_layer if isinstance(module, Site) else module
-                if isinstance(module, Site) and any(type(d) is ModuleCopy for _, d in module.deltas.modules_only()):
-                    raise ValueError(f"{path} is in modules_to_save; it cannot also be an adapter target")
-                try:
-                    delta = method.make_delta(config, path, base, adapter_name)
-                except UnsupportedSite as e:
-                    raise UnsupportedSite(
-                        f"{path}: {e} {config.peft_type} supports: "
-                        f"{', '.join(method.supported_sites())}. Narrow target_modules or "
-                        "exclude_modules so that only supported layers are selected."
-                    ) from None
-                _match_device(delta, base)
-                made.append(attach(self.model, path, adapter_name, delta))
-                done.append(path)
-            for path in self._modules_to_save_paths(config):
-                module = self.model.get_submodule(path)
-                base = module.base_layer if isinstance(module, Site) else module
-                if isinstance(module, Site) and (module.deltas.npacked or not all(
-                        type(d) is ModuleCopy for _, d in module.deltas.modules_only())):
-                    raise ValueError(f"{path} is an adapter target; it cannot also be in modules_to_save")
-                made.append(attach(self.model, path, adapter_name, ModuleCopy(base)))
-                done.append(path)
-            self.peft_config[adapter_name] = config
-            method.after_inject(self, config, adapter_name)
-        except BaseException:
-            for path in done:
-                detach(self.model, path, adapter_name)
-            self.peft_config.pop(adapter_name, None)
-            self.trainable_base.pop(adapter_name, None)
-            raise
+    def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        """The model's forward; ``adapter_names[i]`` picks row ``i``'s adapter (mixed batch)."""
+        with self._routing(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        """The model's ``generate`` with the adapters applied (per row with ``adapter_names``)."""
+        with self._routing(adapter_names, reuse=True):  # the same rows at every decode step
+            return self.model.generate(*args, **kwargs)
+
+    # ----- injection ------------------------------------------------------------------
+    def _add(self, name: str, config, method) -> list[Site]:
+        made: list[Site] = []
+        targets = [(p, m) for p, m in iter_candidates(self.model) if method.is_target(config, p, m, self.model)]
+        if not targets:
+            raise no_match_error(config, self.model)
+        for path, module in targets:
+            base = module.base_layer if isinstance(module, Site) else module
+            if isinstance(module, Site) and any(type(d) is ModuleCopy for _, d in module.deltas.modules_only()):
+                raise ValueError(f"{path} is in modules_to_save; it cannot also be an adapter target")
+            try:
+                delta = method.make_delta(config, path, base, name)
+            except UnsupportedSite as e:
+                raise UnsupportedSite(
+                    f"{path}: {e} {config.peft_type} supports: {', '.join(method.supported_sites())}. "
+                    "Narrow target_modules or exclude_modules so that only supported layers are selected."
+                ) from None
+            _match_device(delta, base)
+            made.append(attach(self.model, path, name, delta))
+        return made
+
+    def _added(self, name: str, config, method, made: list[Site]) -> None:
+        method.after_inject(self, config, name)
         if not self._base_frozen:  # once: the user's model arrives fully trainable
             for p in self.model.parameters():
                 p.requires_grad_(False)
             self._base_frozen = True
         # read after after_inject, which may wrap the Deltas (gates)
-        params = {id(p): p for site in made for p in site.deltas[adapter_name].parameters()}
-        self._params[adapter_name] = list(params.values())
-        for p in self._params[adapter_name]:
+        params = {id(p): p for site in made for p in site.deltas[name].parameters()}
+        self._params[name] = list(params.values())
+        for p in self._params[name]:
             p.requires_grad_(False)
-        self.set_adapter(self.active_adapters or adapter_name)
 
-    def _modules_to_save_paths(self, config) -> list[str]:
-        names = getattr(config, "modules_to_save", None) or []
-        if not names:
-            return []
-        out = []
-        for path, _ in iter_candidates(self.model):
-            if any(path == n or path.endswith("." + n) for n in names):
-                out.append(path)
+    def _drop(self, name: str, config) -> None:
+        self.trainable_base.pop(name, None)
+        self._params.pop(name, None)
+        self._train_on.discard(name)
+
+    def _tensor_owners(self, name: str, made: list[Site]):
+        for site in made:
+            d = site.deltas._modules.get(name)
+            if d is None or d.replaces_base:  # full copies keep the module's own dtype
+                continue
+            w = getattr(site.base_layer, "weight", None)
+            owner = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else None
+            for m in d.modules():
+                yield owner, m._parameters
+                yield owner, m._buffers
+
+    def _devices(self, name: str) -> dict[int, torch.device]:
+        out = {}
+        for _, site in sites(self.model):
+            d = site.deltas._modules.get(name)
+            p = next((q for q in site.base_layer.parameters() if not q.is_meta), None)
+            if d is not None and p is not None:
+                out.update({id(t): p.device for t in list(d.parameters()) + list(d.buffers())})
         return out
 
-    # ----- activation and trainability ----------------------------------------------
-    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
-        """Activate exactly ``names``; their parameters become trainable unless in inference mode."""
-        names = _as_list(names)
-        for n in names:
-            if n not in self.peft_config:
-                raise ValueError(f"Unknown adapter {n!r}; loaded adapters: {sorted(self.peft_config)}")
-        self.active_adapters = names
-        for _, site in sites(self.model):
-            site.set_active(names)
-        self._apply_trainability()
-
+    # ----- trainability --------------------------------------------------------------
     def _apply_trainability(self) -> None:
         """Freeze the adapters that stop training and (re)enable the active ones.
 
@@ -148,6 +520,8 @@ class AdapterHost(nn.Module):
         prompt host, a user's ``requires_grad_(False)``) cannot leave them stuck.
         """
         want = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
+        if self._off is not None:  # disabled: nothing trains until enabled again
+            want = set()
         for n in self._train_on - want:
             for p in self._params.get(n, ()):
                 p.requires_grad_(False)
@@ -162,25 +536,40 @@ class AdapterHost(nn.Module):
             self.model.get_parameter(pname).requires_grad_(True)
         self._base_on = base
 
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` everywhere; the original modules return where no adapter is left."""
-        if name not in self.peft_config:
-            raise ValueError(f"Unknown adapter {name!r}; loaded adapters: {sorted(self.peft_config)}")
-        for path, site in list(sites(self.model)):
-            if name in site.deltas:
-                detach(self.model, path, name)
-        del self.peft_config[name]
-        self.trainable_base.pop(name, None)
-        self._params.pop(name, None)
-        self._train_on.discard(name)
-        remaining = [a for a in self.active_adapters if a != name]
-        if not remaining and self.peft_config:
-            remaining = [next(iter(self.peft_config))]
-        self.active_adapters = remaining
-        if remaining:
-            self.set_adapter(remaining)
-        else:
-            self._apply_trainability()
+    def _adapter_params(self, name: str) -> list[nn.Parameter]:
+        return list(self._params.get(name, ()))
+
+    def _trainable_changed(self, name: str, on: bool) -> None:
+        (self._train_on.add if on else self._train_on.discard)(name)
+
+    def _switch_off(self):
+        merged = {path: list(site.merged) for path, site in sites(self.model)}
+        for _, site in sites(self.model):
+            site.unmerge()
+            site.disabled = True
+            site._refresh()
+        for n in self._train_on:  # nothing trains while disabled (PEFT freezes disabled layers)
+            for p in self._params.get(n, ()):
+                p.requires_grad_(False)
+        for pname in self._base_on:
+            self.model.get_parameter(pname).requires_grad_(False)
+        self._train_on, self._base_on = set(), set()
+        return merged
+
+    def _switch_on(self, merged) -> None:
+        for path, site in sites(self.model):
+            site.disabled = False
+            site.merge(merged.get(path, []))
+        self._apply_trainability()
+
+    def unload(self, merge: bool = False, names=None, safe_merge: bool = False) -> nn.Module:
+        """Put the original modules back, merging ``names`` first when ``merge``; returns the model."""
+        out = super().unload(merge, names, safe_merge)
+        self.__dict__.pop("_pack_store", None)
+        self.trainable_base.clear()
+        self._params.clear()
+        self._train_on, self._base_on = set(), set()
+        return out
 
     # ----- packed adapters (core/packed.py) -------------------------------------------
     def pack(self, name: str) -> bool:
@@ -192,56 +581,18 @@ class AdapterHost(nn.Module):
         """Give packed adapter ``name`` its own Delta modules again (False: it was not packed)."""
         return unpack_adapter(self, name)
 
-    # ----- merging ------------------------------------------------------------------
-    def merge(self, names=None, safe_merge: bool = False) -> None:
-        """Merge ``names`` (default: the active adapters) into the base weights."""
-        names = self.active_adapters if names is None else _as_list(names)
-        for _, site in sites(self.model):
-            site.merge(names, safe_merge=safe_merge)
+    # ----- save / load ---------------------------------------------------------------
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors under Hugging Face PEFT's keys (io/peft_format.py)."""
+        from ..io.peft_format import adapter_state_dict
 
-    def unmerge(self) -> None:
-        """Undo every merge."""
-        for _, site in sites(self.model):
-            site.unmerge()
+        return adapter_state_dict(self, name)
 
-    @property
-    def merged(self) -> bool:
-        """True when some adapter is merged into some site."""
-        return any(site.merged for _, site in sites(self.model))
+    def load_plan(self, name: str, tensors: dict, source: str):
+        """(destination, value) pairs for ``tensors``, checked by name and shape (io/peft_format.py)."""
+        from ..io.peft_format import load_plan
 
-    def unload(self, merge: bool = False, names=None, safe_merge: bool = False) -> nn.Module:
-        """Put the original modules back, merging ``names`` first when ``merge``; returns the model."""
-        if merge:
-            self.merge(names, safe_merge=safe_merge)
-        else:
-            self.unmerge()
-        for path, site in list(sites(self.model)):
-            parent_path, _, child = path.rpartition(".")
-            parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            setattr(parent, child, site.base_layer)
-        self.peft_config.clear()
-        self.__dict__.pop("_pack_store", None)
-        self.active_adapters = []
-        self.trainable_base.clear()
-        self._params.clear()
-        self._train_on, self._base_on = set(), set()
-        return self.model
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Run the base model alone (merged adapters are unmerged for the block, then re-merged)."""
-        merged = {path: list(site.merged) for path, site in sites(self.model)}
-        all_sites = list(sites(self.model))
-        try:
-            for _, site in all_sites:
-                site.unmerge()
-                site.disabled = True
-                site._refresh()
-            yield
-        finally:
-            for path, site in all_sites:
-                site.disabled = False
-                site.merge(merged[path])
+        return load_plan(self, name, tensors, source)
 
 
 def _match_device(delta: nn.Module, base: nn.Module) -> None:

@@ -25,17 +25,15 @@ core file knows about this module.
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
-from typing import Any, ClassVar, Iterable, Iterator, Optional, Union
+from typing import Any, ClassVar, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, PeftConfig, TaskType
-from ..quant.prepare import guard_quantized
-from .copies import ModuleCopy
-from .inject import attach, detach, iter_candidates, sites
+from .host import Host, method_kind
+from .inject import sites
 from .method import Method
 from .registry import get_method
 
@@ -182,70 +180,76 @@ class PromptMethod(Method, metaclass=abc.ABCMeta):
 
 
 # ===== the host ======================================================================
-class PromptHost(nn.Module):
-    """``peft_model.base_model`` for prompt methods: the user's model plus the prompt encoders."""
+class PromptHost(Host):
+    """``peft_model.base_model`` for prompt methods: the user's model plus the prompt encoders.
+
+    The lifecycle is :class:`~peftkit.core.host.Host`'s; this strategy keeps the adapters' state
+    where their :class:`PromptMethod` puts it (``prompt_encoder``, or wrappers in the model).
+    """
+
+    kind = "prompt"
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        guard_quantized(model, only_new=True)  # prompts train through quantised layers too
-        self.model = model
+        super().__init__(model)
         self.prompt_encoder = nn.ModuleDict()
-        self.peft_config: dict = {}
-        self.active_adapters: list[str] = []
-        self.is_disabled = False
+
+    @property
+    def is_disabled(self) -> bool:
+        """True while the adapters are switched off (``disable_adapter()``)."""
+        return self._off is not None
 
     def method(self, name: str) -> PromptMethod:
         """The PromptMethod of adapter ``name``."""
         return get_method(self.peft_config[name].peft_type)
 
-    def inject(self, adapter_name: str, config) -> None:
-        """Add adapter ``adapter_name``; nothing is left behind on error."""
-        if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name "
-                             "or delete_adapter() it first.")
-        method = get_method(config.peft_type)
+    # ----- strategy hooks ------------------------------------------------------------
+    def check_new(self, name: str, config) -> None:
+        """As the base host's, and one prompt method per model."""
+        super().check_new(name, config)
         if self.peft_config:
             first = next(iter(self.peft_config.values()))
             if first.peft_type != config.peft_type:
                 raise ValueError(f"This model holds {first.peft_type} adapters; a {config.peft_type} adapter "
                                  "cannot be added beside them. Wrap a fresh base model instead.")
-        config = method.prepare(config, self.model)
-        done: list[str] = []
-        self.peft_config[adapter_name] = config
-        try:
-            method.attach(self, adapter_name, config)
-            for path in self._heads(config):
-                module = self.model.get_submodule(path)
-                base = getattr(module, "base_layer", module)
-                attach(self.model, path, adapter_name, ModuleCopy(base))
-                done.append(path)
-        except BaseException:
-            for path in done:
-                detach(self.model, path, adapter_name)
-            method.detach(self, adapter_name)
-            self.peft_config.pop(adapter_name, None)
-            raise
-        self.set_adapter(self.active_adapters or adapter_name)
 
-    def _heads(self, config) -> list[str]:
-        names = getattr(config, "modules_to_save", None) or []
-        return [p for p, _ in iter_candidates(self.model) if any(p == n or p.endswith("." + n) for n in names)]
+    def _add(self, name: str, config, method) -> list:
+        self.peft_config[name] = config  # the method's attach reads it
+        method.attach(self, name, config)
+        return []
 
-    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
-        """Activate exactly ``names`` (one at a time for virtual tokens)."""
-        names = [names] if isinstance(names, str) else list(names)
-        for n in names:
-            if n not in self.peft_config:
-                raise ValueError(f"Unknown adapter {n!r}; loaded adapters: {sorted(self.peft_config)}")
+    def _drop(self, name: str, config) -> None:
+        method = get_method(config.peft_type)
+        method.detach(self, name)
+        if set(self.peft_config) <= {name}:  # the last one: the method's switches go off
+            method.set_active(self, [])
+
+    def _check_active(self, names: list[str]) -> None:
         if len(names) > 1 and not self.method(names[0]).supports_many_active:
             raise ValueError(f"{self.peft_config[names[0]].peft_type} runs one adapter at a time; "
                              f"set_adapter() one of {names}.")
-        self.active_adapters = names
-        for _, site in sites(self.model):
-            site.set_active([] if self.is_disabled else names)
+
+    def _activate(self, names: list[str]) -> None:
+        names = [] if self.is_disabled else names
+        super()._activate(names)
         if self.peft_config:
-            self.method(next(iter(self.peft_config))).set_active(self, [] if self.is_disabled else names)
+            self.method(next(iter(self.peft_config))).set_active(self, names)
+
+    def _switch_off(self):
+        self._off = True  # read by _activate
+        self._activate([])
         self.apply_trainability()
+        return True
+
+    def _switch_on(self, state) -> None:
+        self._activate(self.active_adapters)
+        self.apply_trainability()
+
+    def _adapter_params(self, name: str) -> list[nn.Parameter]:
+        params = list(self.method(name).adapter_parameters(self, name))
+        for _, site in sites(self.model):
+            if name in site.deltas:
+                params += list(site.deltas[name].parameters())
+        return params
 
     def apply_trainability(self) -> None:
         """Only the active, trainable adapters' parameters (and their task heads) get gradients."""
@@ -261,33 +265,7 @@ class PromptHost(nn.Module):
             for n, d in site.deltas.items():
                 d.requires_grad_(n in self.active_adapters and not self.peft_config[n].inference_mode)
 
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name``; the original modules return where no adapter is left."""
-        if name not in self.peft_config:
-            raise ValueError(f"Unknown adapter {name!r}; loaded adapters: {sorted(self.peft_config)}")
-        method = self.method(name)
-        for path, site in list(sites(self.model)):
-            if name in site.deltas:
-                detach(self.model, path, name)
-        method.detach(self, name)
-        del self.peft_config[name]
-        remaining = [a for a in self.active_adapters if a != name] or list(self.peft_config)[:1]
-        self.active_adapters = []
-        if remaining:
-            self.set_adapter(remaining)
-        else:
-            method.set_active(self, [])
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Run the base model alone inside the block."""
-        self.is_disabled = True
-        self.set_adapter(self.active_adapters)
-        try:
-            yield
-        finally:
-            self.is_disabled = False
-            self.set_adapter(self.active_adapters)
+    _apply_trainability = apply_trainability
 
     def merge(self, names=None, safe_merge: bool = False) -> None:
         """Prompt methods have no weight update to fold in."""
@@ -303,33 +281,26 @@ class PromptHost(nn.Module):
         """Always False: prompt methods cannot be merged."""
         return False
 
-    def unload(self, merge: bool = False, names=None, safe_merge: bool = False) -> nn.Module:
-        """Remove every adapter and return the base model unchanged."""
-        if merge:
-            self.merge()
-        for name in list(self.peft_config):
-            self.delete_adapter(name)
-        return self.model
-
     # ----- save / load --------------------------------------------------------------
+    def _heads_state(self, name: str, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        out = {}
+        for path, site in sites(self.model):
+            if name in site.deltas:
+                for k, v in site.deltas[name].module.state_dict(keep_vars=keep_vars).items():
+                    out[f"base_model.{path}.{k}"] = v
+        return out
+
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s tensors under Hugging Face PEFT's keys."""
         out = dict(self.method(name).state_to_save(self, name))
-        for path, site in sites(self.model):
-            if name in site.deltas:
-                for k, v in site.deltas[name].module.state_dict().items():
-                    out[f"base_model.{path}.{k}"] = v.detach()
+        out.update({k: v.detach() for k, v in self._heads_state(name).items()})
         return out
 
     def load_plan(self, name: str, tensors: dict[str, torch.Tensor], source: str):
         """Check ``tensors`` against adapter ``name`` and return (destination, value) pairs."""
         from ..io.checkpoint import CheckpointError
 
-        heads = {}
-        for path, site in sites(self.model):
-            if name in site.deltas:
-                for k, v in site.deltas[name].module.state_dict(keep_vars=True).items():
-                    heads[f"base_model.{path}.{k}"] = v
+        heads = self._heads_state(name, keep_vars=True)
         rest = {k: v for k, v in tensors.items() if k not in heads}
         plan = self.method(name).load_plan(self, name, rest, source)
         for k, dest in heads.items():
@@ -342,26 +313,29 @@ class PromptHost(nn.Module):
         return plan
 
     # ----- running ------------------------------------------------------------------
-    def _active(self):
+    def _active(self, adapter_names):
+        if adapter_names is not None:
+            raise ValueError("adapter_names (mixed-adapter batches) is not supported with prompt methods; "
+                             "set_adapter() one adapter and run the batch with it.")
         if self.is_disabled or not self.active_adapters:
             return None
         name = self.active_adapters[0]
         return name, self.peft_config[name]
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names=None, **kwargs):
         """The model's forward with the active adapter's prompt (the base alone when disabled)."""
         if args:
             kwargs = _positional(args, kwargs)
-        act = self._active()
+        act = self._active(adapter_names)
         if act is None:
             return self.model(**kwargs)
         return self.method(act[0]).forward(self, act[0], act[1], kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, adapter_names=None, **kwargs):
         """The model's ``generate`` with the active adapter's prompt."""
         if args:
             kwargs = _positional(args, kwargs)
-        act = self._active()
+        act = self._active(adapter_names)
         if act is None:
             return self.model.generate(**kwargs)
         return self.method(act[0]).generate(self, act[0], act[1], kwargs)
@@ -377,4 +351,4 @@ def _positional(args: tuple, kwargs: dict) -> dict:
 
 def is_prompt_config(config) -> bool:
     """True when ``config`` belongs to a method of the prompt interface (routes to PromptHost)."""
-    return getattr(get_method(config.peft_type), "kind", "site") == "prompt"
+    return method_kind(config) == "prompt"
