@@ -10,6 +10,9 @@ from .methods import LoraConfig
 from .methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LNTuningConfig,  # noqa: E402
                       LoHaConfig, LoKrConfig, VeraConfig)
 from .methods import BOFTConfig, OFTConfig  # noqa: E402
+from .methods.trainable_tokens import TrainableTokensConfig  # noqa: E402
+from .methods.lora.loftq import LoftQConfig, replace_lora_weights_loftq  # noqa: E402
+from .methods.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights  # noqa: E402
 from .methods import AdaptionPromptConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig  # noqa: F401
 from .model import (
     PeftModel,
@@ -45,4 +48,6 @@ __all__ = [
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
+    "TrainableTokensConfig", "LoftQConfig", "replace_lora_weights_loftq", "EvaConfig", "get_eva_state_dict",
+    "initialize_lora_eva_weights",
 ]

@@ -47,6 +47,7 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"
     OFT = "OFT"
     BOFT = "BOFT"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
 
 
 class ConfigError(ValueError):

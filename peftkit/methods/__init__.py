@@ -18,4 +18,5 @@ from .adalora import AdaLoraConfig  # noqa: F401  reparametrisation: SVD form wi
 from .oft import OFTConfig  # noqa: F401  reparametrisation: block-diagonal orthogonal rotation
 from .boft import BOFTConfig  # noqa: F401  reparametrisation: butterfly orthogonal rotation
 from .adaption_prompt import AdaptionPromptConfig  # noqa: F401  additive: LLaMA-Adapter gated prompts
+from .trainable_tokens import TrainableTokensConfig  # noqa: F401  selective: chosen embedding rows
 from .hybrids import mam_adapter, unipelt  # noqa: F401  hybrids: compositions of the above

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from ...config import ConfigError, PeftConfig, PeftType
 
-_INITS = (True, False, "gaussian", "pissa", "olora")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "eva")
 
 
 @dataclasses.dataclass
@@ -32,6 +32,13 @@ class LoraConfig(PeftConfig):
         layers_to_transform / layers_pattern: restrict to these layer indices.
         rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha keyed by regex.
         use_dora: weight-decomposed LoRA (Liu et al. 2024): a trainable magnitude per output.
+        trainable_token_indices: also train these rows of the input embedding (a list of token
+            ids), or of the named embedding layers (``{"embed_tokens": [...], ...}``); tied output
+            heads follow (methods/trainable_tokens.py).
+        loftq_config: ``LoftQConfig(loftq_bits, loftq_iter)`` (or its dict) with
+            ``init_lora_weights="loftq"`` (methods/lora/loftq.py).
+        eva_config: ``EvaConfig(...)`` with ``init_lora_weights="eva"``; the weights come from
+            ``initialize_lora_eva_weights(model, dataloader)`` (methods/lora/eva.py).
     """
 
     r: int = 8
@@ -49,12 +56,15 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = dataclasses.field(default_factory=dict)
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     use_dora: bool = False
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    loftq_config: Any = dataclasses.field(default_factory=dict)
+    eva_config: Any = None
 
     _inert_fields: ClassVar[dict[str, Any]] = {
         **PeftConfig._inert_fields,
-        "loftq_config": {}, "megatron_config": None, "megatron_core": Any, "layer_replication": None,
-        "lora_bias": False, "eva_config": None, "corda_config": None, "runtime_config": Any,
-        "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
+        "megatron_config": None, "megatron_core": Any, "layer_replication": None,
+        "lora_bias": False, "corda_config": None, "runtime_config": Any,
+        "target_parameters": None, "alora_invocation_tokens": None,
         "arrow_config": None, "use_qalora": False, "qalora_group_size": Any, "ensure_weight_tying": False,
         "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "use_bdlora": None,
         "velora_config": None,
@@ -78,13 +88,62 @@ class LoraConfig(PeftConfig):
         if not ok:
             raise ConfigError(
                 f"LoraConfig.init_lora_weights={init!r} is not one of True, False, 'gaussian', "
-                "'pissa', 'pissa_niter_<K>', 'olora'."
+                "'pissa', 'pissa_niter_<K>', 'olora', 'loftq', 'eva'."
             )
+        self._sub_configs()
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("LoraConfig.layers_pattern needs layers_to_transform to be set too.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("layers_to_transform cannot be combined with a regex target_modules; "
                               "put the layer indices in the regex instead.")
+
+    def _sub_configs(self) -> None:
+        """LoftQ / EVA / trainable-token settings, checked and normalised as PEFT does: the LoftQ
+        config is kept as a dict, the EVA config as an :class:`EvaConfig` (a dict when read back)."""
+        import warnings
+
+        from ..trainable_tokens import check_token_indices
+        from .eva import EvaConfig
+        from .loftq import LoftQConfig, check_loftq
+
+        if self.trainable_token_indices is not None:
+            self.trainable_token_indices = check_token_indices(self.trainable_token_indices, "LoraConfig.trainable_token_indices")
+            if isinstance(self.trainable_token_indices, dict) and self.modules_to_save:
+                both = [n for n in self.trainable_token_indices if n in self.modules_to_save]
+                if both:
+                    raise ConfigError(f"{both[0]!r} is in modules_to_save (trained in full) and in trainable_token_indices; "
+                                      "pick one of the two for it.")
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
+        if self.loftq_config is None:
+            self.loftq_config = {}
+        if not isinstance(self.loftq_config, dict):
+            raise ConfigError(f"LoraConfig.loftq_config must be a LoftQConfig or a dict, got {type(self.loftq_config).__name__}.")
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ConfigError("init_lora_weights='loftq' needs loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1).")
+            check_loftq(self.loftq_config)
+        elif self.loftq_config:
+            warnings.warn("loftq_config is ignored unless init_lora_weights='loftq'.", stacklevel=3)
+            self.loftq_config = {}
+        if isinstance(self.eva_config, dict):
+            known = {f.name for f in dataclasses.fields(EvaConfig)}
+            self.eva_config = EvaConfig(**{k: v for k, v in self.eva_config.items() if k in known})
+        if self.eva_config is not None and not isinstance(self.eva_config, EvaConfig):
+            raise ConfigError(f"LoraConfig.eva_config must be an EvaConfig, a dict or None, got {type(self.eva_config).__name__}.")
+        if self.init_lora_weights == "eva" and self.eva_config is None:
+            warnings.warn("init_lora_weights='eva' without eva_config: using EvaConfig()'s defaults.", stacklevel=3)
+            self.eva_config = EvaConfig()
+        elif self.init_lora_weights != "eva" and self.eva_config is not None:
+            warnings.warn("eva_config is ignored unless init_lora_weights='eva'.", stacklevel=3)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`PeftConfig.to_dict`, with the EVA sub-config as a plain dict (PEFT's JSON)."""
+        out = super().to_dict()
+        if self.eva_config is not None:
+            out["eva_config"] = dataclasses.asdict(self.eva_config)
+        out["loftq_config"] = dict(self.loftq_config)
+        return out
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """The (r, alpha) for the module at ``path`` after applying rank/alpha patterns."""

@@ -7,6 +7,10 @@
   keeps the residual ``W - s B A``. ``pissa_niter_K`` uses a randomised SVD with K iterations.
 - OLoRA (Büyükakyüz 2024, arXiv:2406.01775): ``W = Q R``, ``B = Q[:, :r]``, ``A = R[:r]``, and
   the frozen weight becomes ``W - s B A``.
+- LoftQ (Li et al. 2023, arXiv:2310.08659): the frozen weight becomes its quantised ``Q`` and
+  ``B A`` the rank-r SVD of ``W - Q`` (alternating; loftq.py).
+- EVA (Paischer et al. 2024, arXiv:2410.07170): as the default here (B = 0); ``A`` then comes from
+  the input activations' SVD in ``initialize_lora_eva_weights`` (eva.py).
 
 PiSSA and OLoRA modify the base weights. Their adapters are exact only on top of that residual
 base; :func:`to_plain_lora` turns a trained one into an ordinary LoRA of rank 2r that applies to
@@ -22,15 +26,28 @@ from torch import nn
 from ...core.method import init_skipped
 
 
+def _changes_base(init) -> bool:
+    """Schemes that rewrite the base weight (the saved adapter only fits the rewritten base)."""
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "loftq"))
+
+
 @torch.no_grad()
-def initialise(delta, init, base: nn.Module) -> None:
+def initialise(delta, init, base: nn.Module, config=None) -> None:
     """Initialise ``delta``'s factors in place according to ``init`` (see module docstring).
 
     While a checkpoint is being loaded (:func:`~peftkit.core.method.init_skipped`), the random
-    schemes are skipped: the file overwrites them. PiSSA/OLoRA still run, because they also
-    rewrite the base weight that the saved adapter was trained on top of.
+    schemes are skipped: the file overwrites them. PiSSA/OLoRA/LoftQ still run, because they also
+    rewrite the base weight that the saved adapter was trained on top of. ``config`` (the
+    LoraConfig) carries LoftQ's settings.
     """
-    if init_skipped() and not (isinstance(init, str) and (init.startswith("pissa") or init == "olora")):
+    if init_skipped() and not _changes_base(init):
+        return
+    if init == "eva":
+        init = True  # B = 0 as PEFT's "eva"; A is replaced by initialize_lora_eva_weights
+    if init == "loftq":
+        from .loftq import loftq_delta
+
+        loftq_delta(delta, base, getattr(config, "loftq_config", None) or {"loftq_bits": 4, "loftq_iter": 1})
         return
     a, b = delta.factors()
     if init is False:

@@ -54,12 +54,16 @@ class LoraMethod(Method):
         dtype = adapter_dtype(module)
         if dtype != torch.get_default_dtype():
             delta.to(dtype=dtype)
-        initialise(delta, config.init_lora_weights, module)
+        initialise(delta, config.init_lora_weights, module, config)
         if config.use_dora:
             delta.init_magnitude(module)
         return delta
 
     def after_inject(self, host, config: LoraConfig, adapter_name: str) -> None:
+        if config.trainable_token_indices is not None:  # chosen embedding rows (methods/trainable_tokens.py)
+            from ..trainable_tokens import attach_token_rows
+
+            attach_token_rows(host, config, adapter_name)
         if config.bias == "none":
             return
         names = set()
@@ -68,14 +72,15 @@ class LoraMethod(Method):
                 continue
             if config.bias == "all" or _is_site_bias(host.model, pname, adapter_name):
                 names.add(pname)
-        host.trainable_base[adapter_name] = names
+        host.trainable_base.setdefault(adapter_name, set()).update(names)
 
     def convert_for_original_base(self, tensors, initial, config):
         """PiSSA/OLoRA -> plain LoRA of rank 2r for the unmodified base (see init.py)."""
         return plain_lora_state(tensors, initial, config)
 
     def extra_state(self, host, config, adapter_name):
-        return {n: host.model.get_parameter(n) for n in sorted(host.trainable_base.get(adapter_name, ()))}
+        return {n: host.model.get_parameter(n) for n in sorted(host.trainable_base.get(adapter_name, ()))
+                if ".deltas." not in n}  # trainable token rows are saved by their Deltas
 
 
 def _is_site_bias(model: nn.Module, pname: str, adapter_name: str) -> bool:

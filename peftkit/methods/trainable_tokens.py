@@ -1,0 +1,289 @@
+"""Trainable tokens: train only some rows of the embedding (new or retrained tokens).
+
+Hugging Face PEFT's ``TrainableTokensConfig`` (and ``LoraConfig(trainable_token_indices=...)``):
+after adding tokens (a chat template's special tokens) only their embedding rows need training,
+not the whole ``V x d`` matrix. For token ids ``I = [i_1 .. i_k]`` the adapter holds ``D`` (k x d),
+initialised to ``E[I]``, and the embedding becomes::
+
+    E'[t] = D[j]  if t = i_j,   E[t] otherwise                (E: V x d, D: k x d)
+
+    ids (B, T) ──► E[ids] (B, T, d) ──rows whose id is in I──► D[j] (one select, no V x d copy)
+
+With tied weights (``tie_word_embeddings``: the output head's weight *is* ``E``), the head
+follows: logits for the ids in ``I`` use ``D``, ``z[..., i_j] = h . D[j]`` (+ bias), from the same
+tensor ``D``. Merging writes ``D`` into ``E[I]``; unmerging restores the rows saved at creation.
+
+File format (PEFT 0.21): ``<embedding path>.trainable_tokens_delta`` for the method of its own,
+plus the tied head's ``lm_head.trainable_tokens_delta`` (a copy of the same ``D``); alongside LoRA,
+``<embedding path>.token_adapter.trainable_tokens_delta`` (tied heads are not saved).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, PeftConfig, PeftType
+from ..core.inject import attach, detach, iter_candidates
+from ..core.method import Delta, Method, UnsupportedSite
+from ..core.registry import register_method
+from ..core.site import Site
+from ._shared import adapter_dtype
+
+
+def check_token_indices(value, where: str):
+    """A list of distinct non-negative token ids, or a dict module name -> such a list."""
+    def one(ids, label):
+        if isinstance(ids, (tuple, set)):
+            ids = sorted(ids) if isinstance(ids, set) else list(ids)
+        if not isinstance(ids, list) or not ids:
+            raise ConfigError(f"{label} must be a non-empty list of token ids, got {ids!r}.")
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ConfigError(f"{label}: token ids are non-negative integers (from tokenizer(...).input_ids), "
+                                  f"got {i!r}.")
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ConfigError(f"{label} lists token ids {dup} more than once; list each id once.")
+        return list(ids)
+
+    if isinstance(value, dict):
+        if not value:
+            raise ConfigError(f"{where} is an empty dict; map embedding module names to token id lists.")
+        return {str(k): one(v, f"{where}[{k!r}]") for k, v in value.items()}
+    return one(value, where)
+
+
+@dataclasses.dataclass
+class TrainableTokensConfig(PeftConfig):
+    """Train the embedding rows of ``token_indices`` only (PEFT's ``TrainableTokensConfig``).
+
+    Args:
+        token_indices: the token ids whose rows train (e.g. the ids of newly added tokens).
+        target_modules: the embedding layer(s); None picks ``model.get_input_embeddings()``.
+        init_weights: True starts from the current rows (the model is unchanged); False random.
+    """
+
+    token_indices: list = dataclasses.field(default_factory=list)
+    target_modules: Optional[Union[list[str], str]] = None
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType.TRAINABLE_TOKENS.value
+        super().__post_init__()
+        self.token_indices = check_token_indices(self.token_indices, "TrainableTokensConfig.token_indices")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+
+
+class TokenRows(Delta):
+    """Replacement rows ``D`` (k x d) for the token ids ``index`` of an embedding (or tied head)."""
+
+    mergeable = True
+    peft_names = {"rows": "trainable_tokens_delta"}
+
+    def __init__(self, base: nn.Module, ids: list[int], init_weights: bool = True,
+                 owner: Optional["TokenRows"] = None):
+        super().__init__()
+        weight = base.weight
+        vocab = weight.shape[0]
+        bad = [i for i in ids if i >= vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside this layer's {vocab} rows; resize the embeddings "
+                             "(model.resize_token_embeddings(len(tokenizer))) before adding the adapter.")
+        if not isinstance(base, (nn.Embedding, nn.Linear)):
+            raise UnsupportedSite(f"trainable tokens adapt nn.Embedding (or a tied nn.Linear head), not {type(base).__name__}.")
+        #: the Delta whose rows this one uses (a tied head), kept out of the module tree
+        self._owner = [owner] if owner is not None else []
+        self.register_buffer("index", torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
+        with torch.no_grad():
+            original = weight.detach()[self.index].clone()
+        self.register_buffer("original", original, persistent=False)
+        if owner is None:
+            dtype = adapter_dtype(base)
+            start = original if init_weights else torch.randn(original.shape, dtype=original.dtype, device=original.device)
+            self.rows = nn.Parameter(start.to(dtype).clone())
+        if isinstance(base, nn.Embedding):
+            lookup = torch.full((vocab,), -1, dtype=torch.long, device=weight.device)
+            lookup[self.index] = torch.arange(len(ids), device=weight.device)
+            self.register_buffer("lookup", lookup, persistent=False)
+
+    def weight_rows(self) -> torch.Tensor:
+        """``D``: this Delta's rows, or its owner's when it is a tied head."""
+        return self._owner[0].rows if self._owner else self.rows
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        d = self.weight_rows()
+        if isinstance(base, nn.Embedding):
+            pos = self.lookup[x]
+            hit = (pos >= 0).unsqueeze(-1)
+            rows = F.embedding(pos.clamp_min(0), d)
+            scale = getattr(base, "embed_scale", None)  # Gemma-style scaled embeddings
+            if scale is not None:
+                rows = rows * scale.to(rows.dtype) if torch.is_tensor(scale) else rows * scale
+            return torch.where(hit, rows.to(y.dtype), y)
+        cols = F.linear(x.to(d.dtype), d)
+        if base.bias is not None:
+            cols = cols + base.bias[self.index].to(cols.dtype)
+        return y.index_copy(y.dim() - 1, self.index, cols.to(y.dtype))
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """``E' - E``: the new rows minus the current ones, zero elsewhere."""
+        w = base.weight
+        out = torch.zeros_like(w)
+        out[self.index] = self.weight_rows().detach().to(w.dtype) - w.detach()[self.index]
+        return out
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        """Write ``D`` into the rows (idempotent, so a tied head merging too changes nothing)."""
+        base.weight.data.index_copy_(0, self.index, self.weight_rows().detach().to(base.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        """Put back the rows the embedding had when this adapter was made."""
+        base.weight.data.index_copy_(0, self.index, self.original.to(base.weight.dtype))
+
+
+class WrappedTokenRows(TokenRows):
+    """:class:`TokenRows` added by ``LoraConfig.trainable_token_indices`` (PEFT's ``token_adapter`` keys)."""
+
+    peft_names = {"rows": "token_adapter.trainable_tokens_delta"}
+
+
+# ----- where the rows go ---------------------------------------------------------------------
+def _unwrap(m):
+    return m.base_layer if isinstance(m, Site) else m
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> Optional[str]:
+    for path, m in iter_candidates(model):
+        if m is module or _unwrap(m) is module:
+            return path
+    return None
+
+
+def input_embedding_path(model: nn.Module, default: str = "embed_tokens") -> str:
+    """Dotted path of ``model.get_input_embeddings()`` (``default`` when the model has none)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = None
+    if get is not None:
+        try:
+            emb = _unwrap(get())
+        except (NotImplementedError, AttributeError):
+            emb = None
+    path = _path_of(model, emb) if emb is not None else None
+    return path or default
+
+
+def tied_head_path(model: nn.Module) -> Optional[str]:
+    """Path of the output head whose weight is the input embedding's (``tie_word_embeddings``)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not getattr(cfg, "tie_word_embeddings", False):
+        return None
+    try:
+        emb, out = _unwrap(model.get_input_embeddings()), _unwrap(model.get_output_embeddings())
+    except (AttributeError, NotImplementedError):
+        return None
+    if out is None or emb is None or getattr(out, "weight", None) is not getattr(emb, "weight", None):
+        return None
+    return _path_of(model, out)
+
+
+def _find(model: nn.Module, name: str) -> str:
+    """The one module path equal to ``name`` or ending in ``.name`` (clear error otherwise)."""
+    hits = [p for p, _ in iter_candidates(model) if p == name or p.endswith("." + name)]
+    if not hits:
+        raise ValueError(f"trainable_token_indices names {name!r}, but the model has no such module; "
+                         f"its input embedding is {input_embedding_path(model)!r}.")
+    return hits[0]
+
+
+def _tie(host, adapter_name: str, owner_path: str, cls) -> Optional[str]:
+    """Put a tied head Delta (sharing the owner's rows) on the tied output head; its path or None."""
+    model = host.model
+    head = tied_head_path(model)
+    if head is None or head == owner_path:
+        return None
+    owner_site = model.get_submodule(owner_path)
+    owner = owner_site.deltas._modules.get(adapter_name) if isinstance(owner_site, Site) else None
+    if not isinstance(owner, TokenRows):
+        return None
+    current = model.get_submodule(head)
+    if isinstance(current, Site) and adapter_name in current.deltas:
+        current.remove(adapter_name)  # explicitly targeted too: it becomes the tied version
+    base = _unwrap(current)
+    attach(model, head, adapter_name, cls(base, owner.index.tolist(), owner=owner))
+    return head
+
+
+def attach_token_rows(host, config, adapter_name: str) -> None:
+    """``LoraConfig.trainable_token_indices``: add the rows at their embeddings (and tied head).
+
+    Their parameters train with the adapter (listed in the host's ``trainable_base``). Called by
+    the LoRA method after its own sites exist; on error nothing of this is left behind.
+    """
+    spec = config.trainable_token_indices
+    if spec is None:
+        return
+    model = host.model
+    targets = dict(spec) if isinstance(spec, dict) else {input_embedding_path(model): spec}
+    paths = {name: _find(model, name) for name in targets}
+    head = tied_head_path(model)
+    emb = input_embedding_path(model)
+    tie = head is not None and emb in paths.values()
+    if tie and head in paths.values():  # both tied layers listed: tie only if their ids agree
+        by_path = {p: targets[n] for n, p in paths.items()}
+        tie = by_path[head] == by_path[emb]
+        if tie:
+            paths = {n: p for n, p in paths.items() if p != head}
+    done = []
+    try:
+        for name, path in paths.items():
+            base = _unwrap(model.get_submodule(path))
+            attach(model, path, adapter_name, WrappedTokenRows(base, targets[name]))
+            done.append(path)
+        if tie:
+            tied = _tie(host, adapter_name, emb, WrappedTokenRows)
+            if tied:
+                done.append(tied)
+    except BaseException:
+        for path in done:
+            detach(model, path, adapter_name)
+        raise
+    host.trainable_base.setdefault(adapter_name, set()).update(
+        f"{p}.deltas.{adapter_name}.rows" for p in done if hasattr(model.get_submodule(p).deltas[adapter_name], "rows"))
+
+
+@register_method
+class TrainableTokensMethod(Method):
+    """PEFT's TRAINABLE_TOKENS: only the listed embedding rows train."""
+
+    name = "TRAINABLE_TOKENS"
+    config_cls = TrainableTokensConfig
+
+    def prepare(self, config: TrainableTokensConfig, model: nn.Module) -> TrainableTokensConfig:
+        if config.target_modules is None:
+            return dataclasses.replace(config, target_modules=input_embedding_path(model))
+        return config
+
+    def supported_sites(self):
+        return ["nn.Embedding", "nn.Linear (an output head tied to the embedding)"]
+
+    def make_delta(self, config: TrainableTokensConfig, path: str, module: nn.Module, adapter_name: str):
+        return TokenRows(module, config.token_indices, init_weights=config.init_weights)
+
+    def after_inject(self, host, config, adapter_name: str) -> None:
+        _tie(host, adapter_name, input_embedding_path(host.model), TokenRows)
+
+    def extra_state(self, host, config, adapter_name):
+        """The tied head's copy of ``D``, which PEFT writes for this method."""
+        head = tied_head_path(host.model)
+        site = host.model.get_submodule(head) if head else None
+        delta = site.deltas._modules.get(adapter_name) if isinstance(site, Site) else None
+        if not isinstance(delta, TokenRows) or not delta._owner:
+            return {}
+        return {f"{head}.trainable_tokens_delta": delta.weight_rows()}

@@ -1,0 +1,125 @@
+"""Trainable tokens (on their own and beside LoRA) against Hugging Face PEFT, tied heads included."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import VOCAB, inputs_for, output_of, perturb, tiny_llama
+from peftkit import ConfigError, LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
+
+peft = pytest.importorskip("peft")
+
+IDS = [3, 17, 64, 100]
+
+
+def _ids_batch(model):
+    batch = inputs_for(model)
+    batch["input_ids"][0, :4] = torch.tensor(IDS)  # the trained tokens do occur
+    return batch
+
+
+CASES = {
+    "tokens_tied": (dict(tie_word_embeddings=True), lambda m: (TrainableTokensConfig(token_indices=IDS),
+                                                              m.TrainableTokensConfig(token_indices=IDS))),
+    "tokens_untied": (dict(tie_word_embeddings=False), lambda m: (TrainableTokensConfig(token_indices=IDS),
+                                                                 m.TrainableTokensConfig(token_indices=IDS))),
+    "lora_list_tied": (dict(tie_word_embeddings=True), lambda m: (
+        LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=IDS),
+        m.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=IDS))),
+    "lora_dict_untied": (dict(tie_word_embeddings=False), lambda m: (
+        LoraConfig(r=2, target_modules=["v_proj"], trainable_token_indices={"embed_tokens": IDS, "lm_head": [5, 9]}),
+        m.LoraConfig(r=2, target_modules=["v_proj"], trainable_token_indices={"embed_tokens": IDS, "lm_head": [5, 9]}))),
+    "lora_dict_tied_same": (dict(tie_word_embeddings=True), lambda m: (
+        LoraConfig(r=2, target_modules=["v_proj"], trainable_token_indices={"embed_tokens": IDS, "lm_head": IDS}),
+        m.LoraConfig(r=2, target_modules=["v_proj"], trainable_token_indices={"embed_tokens": IDS, "lm_head": IDS}))),
+}
+
+
+def _keys(folder):
+    return sorted(load_file(f"{folder}/adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_saved_loads_in_peftkit(case, tmp_path):
+    kw, make = CASES[case]
+    _, theirs = make(peft)
+    pm = peft.get_peft_model(tiny_llama(**kw), theirs)
+    perturb(pm, 3)
+    pm.eval()
+    batch = _ids_batch(pm)
+    ref = output_of(pm, batch)
+    assert (ref - output_of(tiny_llama(**kw), batch)).abs().max() > 1e-3
+    pm.save_pretrained(str(tmp_path))
+    ours = PeftModel.from_pretrained(tiny_llama(**kw), str(tmp_path)).eval()
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peftkit_saved_loads_in_peft(case, tmp_path):
+    kw, make = CASES[case]
+    mine, theirs = make(peft)
+    pm = get_peft_model(tiny_llama(**kw), mine)
+    perturb(pm, 4)
+    pm.eval()
+    batch = _ids_batch(pm)
+    ref = output_of(pm, batch)
+    pm.save_pretrained(str(tmp_path / "ours"))
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(**kw), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(output_of(loaded, batch), ref, atol=1e-5, rtol=1e-5)
+    peft.get_peft_model(tiny_llama(**kw), theirs).save_pretrained(str(tmp_path / "theirs"))
+    assert _keys(tmp_path / "ours") == _keys(tmp_path / "theirs")
+
+
+def test_only_the_listed_rows_train_and_the_tied_head_follows():
+    model = get_peft_model(tiny_llama(tie_word_embeddings=True), TrainableTokensConfig(token_indices=IDS))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(names) == 1 and names[0].endswith("embed_tokens.deltas.default.rows")
+    base = tiny_llama(tie_word_embeddings=True)
+    batch = _ids_batch(model)
+    torch.testing.assert_close(output_of(model, batch), output_of(base, batch))  # init_weights: unchanged
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    opt.step()
+    rows = model.base_model.model.model.embed_tokens.deltas["default"].rows
+    emb = base.model.embed_tokens.weight
+    assert (rows - emb[IDS]).abs().max() > 1e-4
+    with torch.no_grad():
+        h = torch.randn(1, 2, emb.shape[1])
+        logits = model.base_model.model.lm_head(h)
+        want = h @ emb.T
+        want[..., IDS] = h @ rows.T
+        torch.testing.assert_close(logits, want)
+        ids = torch.arange(VOCAB)[None]
+        got = model.base_model.model.model.embed_tokens(ids)[0]
+        keep = [i for i in range(VOCAB) if i not in IDS]
+        torch.testing.assert_close(got[keep], emb[keep])
+        torch.testing.assert_close(got[IDS], rows)
+
+
+def test_merge_unmerge_and_merge_and_unload():
+    model = get_peft_model(tiny_llama(tie_word_embeddings=True), TrainableTokensConfig(token_indices=IDS))
+    perturb(model, 9)
+    model.eval()
+    batch = _ids_batch(model)
+    ref = output_of(model, batch)
+    before = model.base_model.model.model.embed_tokens.weight.detach().clone()
+    model.merge_adapter()
+    torch.testing.assert_close(output_of(model, batch), ref)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model.base_model.model.model.embed_tokens.weight, before)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(output_of(merged, batch), ref)
+
+
+def test_bad_indices_are_refused_before_any_work():
+    with pytest.raises(ConfigError, match="more than once"):
+        TrainableTokensConfig(token_indices=[1, 1])
+    with pytest.raises(ConfigError, match="non-empty"):
+        LoraConfig(trainable_token_indices=[])
+    with pytest.raises(ConfigError, match="non-negative"):
+        LoraConfig(trainable_token_indices={"embed_tokens": [-1]})
+    with pytest.raises(ValueError, match="outside"):
+        get_peft_model(tiny_llama(), TrainableTokensConfig(token_indices=[VOCAB + 3]))
+    with pytest.raises(ValueError, match="no such module"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], trainable_token_indices={"nope": [1]}))
