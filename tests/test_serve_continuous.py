@@ -240,3 +240,32 @@ def test_row_cache_joins_pads_and_trims():
     assert a.mask.tolist() == [[0, 1, 1], [1, 1, 1]] and a.cache.layers[1].values.shape == (2, 2, 3, 3)
     with pytest.raises(ValueError, match="scheduler"):
         Engine(tiny_llama(), CharTokenizer(), scheduler="fast")
+
+
+def test_a_failing_prefill_or_sink_fails_only_its_own_requests(folders):
+    engine = engine_with(folders, ["lora"], max_batch=8)
+    try:
+        bad = Client(engine, "x", "base", 4)
+        bad.job.prompt_ids = [10_000]  # outside the vocabulary: the prefill raises
+
+        def join_bad(n):
+            if n == 2:
+                engine.submit(bad.job)
+
+        good = Client(engine, "Keep going", "lora", 16, on_delta=join_bad, temperature=0.0)
+        engine.submit(good.job)
+        kind, message = bad.result()
+        assert kind == "error" and "generation failed" in message
+        assert good.result()[0] == "done"
+        assert good.job.tokens == reference_ids(folders, "lora", CharTokenizer().encode("Keep going"), 16)
+
+        def broken(kind, value):
+            raise RuntimeError("client sink broke")
+
+        engine.submit(Job(prompt_ids=[5, 6, 7], adapter="base", max_tokens=5, emit=broken))
+        after = Client(engine, "Still serving", "base", 6, temperature=0.0)
+        engine.submit(after.job)
+        assert after.result()[0] == "done"
+        assert after.job.tokens == reference_ids(folders, "base", CharTokenizer().encode("Still serving"), 6)
+    finally:
+        engine.close()

@@ -73,12 +73,15 @@ class ContinuousScheduler:
                 if new is None:  # closing
                     break
                 eng.wait_for_admins()
-                with eng.lock:
-                    self._after_admin()
-                    if new:
-                        self._admit(new)
-                    if self.rows:
-                        self._decode()
+                try:
+                    with eng.lock:
+                        self._after_admin()
+                        if new:
+                            self._admit(new)
+                        if self.rows:
+                            self._decode()
+                except Exception as e:  # e.g. a failing event sink: fail these rows, keep serving
+                    self._fail_all(new, f"internal error: {type(e).__name__}: {e}")
         finally:
             self._route.close()
             for r in self.rows:
@@ -162,11 +165,7 @@ class ContinuousScheduler:
                                       keep_routing=True)
             toks = pick(logits, [r.job for r in self.rows])
         except Exception as e:  # the running rows fail; the worker carries on
-            for r in self.rows:
-                r.job.fail(f"generation failed: {type(e).__name__}: {e}")
-            self.rows, self.cache = [], None
-            self._route.close()
-            self._route_key = None
+            self._fail_all([], f"generation failed: {type(e).__name__}: {e}")
             return
         for r, t in zip(self.rows, toks):
             r.last, r.pos = t, r.pos + 1
@@ -190,6 +189,17 @@ class ContinuousScheduler:
             self._route_key = None
         else:
             self.cache.keep(keep)
+
+    def _fail_all(self, new: list["Job"], message: str) -> None:
+        """Fail every running row and ``new`` job, and start over with an empty batch."""
+        for job in [r.job for r in self.rows] + list(new):
+            try:
+                job.fail(message)
+            except Exception:
+                pass
+        self.rows, self.cache = [], None
+        self._route.close()
+        self._route_key = None
 
     def _after_admin(self) -> None:
         """After adapters were loaded or unloaded: fail rows whose adapter is gone or replaced."""

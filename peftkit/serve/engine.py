@@ -268,6 +268,8 @@ class Engine:
         with self._cv:
             while True:
                 if self._closing:
+                    for job in out:  # taken but never run
+                        job.fail("the server is shutting down")
                     return None
                 while self._pending and len(out) < rows:
                     need = cost(self._pending[0]) if cost is not None else 0

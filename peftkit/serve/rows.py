@@ -60,7 +60,19 @@ def hold_back(job: "Job") -> int:
 
 def advance(engine: "Engine", job: "Job", tok: int) -> None:
     """Record ``tok`` as ``job``'s next token, finish the job if a stop rule says so, and
-    stream its new text."""
+    stream its new text. A job whose event sink raises ends alone (as an error), not its batch."""
+    try:
+        _advance(engine, job, tok)
+    except Exception as e:
+        if job.finished is None:
+            try:
+                job.fail(f"internal error: {type(e).__name__}: {e}")
+            except Exception:
+                pass
+        job.finished = job.finished or "error"
+
+
+def _advance(engine: "Engine", job: "Job", tok: int) -> None:
     if job.cancelled.is_set():
         job.finish("cancelled")
         return
