@@ -194,6 +194,18 @@ def run(args) -> int:
         before = _evaluate(peft_model, tokenizer, args, eval_set, eval_recs, fmt, use_adapter=False)
         _log(f"before: {_headline(before)}" + (f"\n  e.g. {before['example_reply']!r}" if "example_reply" in before else ""))
 
+    from .loss import chunk_rows
+    from .packing import plan_batches
+
+    plan = plan_batches(peft_model, train_set, tokenizer.pad_token_id, task == "causal",
+                        packing=getattr(args, "packing", True), group_by_length=getattr(args, "group_by_length", False),
+                        loss_chunk=getattr(args, "loss_chunk", -1), deepspeed=bool(getattr(args, "deepspeed", None)))
+    for note in plan.notes:
+        _log(f"note: {note}")
+    rows = (args.loss_chunk if getattr(args, "loss_chunk", -1) > 0 else chunk_rows(plan.loss_head.out_features)) if plan.loss_head else None
+    _log("batches: " + ("packed, padding-free" if plan.packed else "padded" + (", grouped by length" if plan.group_by_length else ""))
+         + (f"; loss in chunks of {rows} tokens" if rows else ""))
+
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     warm = int(args.warmup) if args.warmup >= 1 else float(args.warmup)
     targs = TrainingArguments(
@@ -208,10 +220,11 @@ def run(args) -> int:
         label_names=["labels"], dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True,
         ddp_find_unused_parameters=False, save_only_model=False, deepspeed=deepspeed_config(args),
         optim=getattr(args, "trainer_optim", "adamw_torch_fused"),  # --optim, checked in options._checked
+        train_sampling_strategy="group_by_length" if plan.group_by_length else "random",
     )
     set_threads(args.threads)  # accelerate resets the thread count when it starts a process group
-    trainer = make_trainer(peft_model, targs, train_set, eval_set, D.Collator(tokenizer.pad_token_id),
-                           seq_loss=task == "causal")
+    trainer = make_trainer(peft_model, targs, train_set, eval_set, plan.collator,
+                           seq_loss=task == "causal", loss_head=plan.loss_head, loss_rows=rows)
     resume = args.resume
     if resume == "latest":
         resume = latest_checkpoint(ckpt_dir)
@@ -243,6 +256,7 @@ def run(args) -> int:
     metrics = {
         "before": before, "after": after, "train_loss": result.training_loss,
         "steps": trainer.state.global_step, "train_seconds": round(train_s, 1),
+        "batches": {"packed": plan.packed, "group_by_length": plan.group_by_length, "loss_chunk_rows": rows},
         "total_seconds": round(time.time() - t0, 1), "trainable_params": trainable, "total_params": total,
         "adapter_mb": round(_folder_mb(adapter_dir), 3), "world_size": len(digests), "rank_digests": digests,
         "ranks_agree": len(set(digests)) == 1, "log_history": trainer.state.log_history,

@@ -33,7 +33,30 @@ def load_adapter_weights(peft_model, folder: str, adapter_name: str = "default")
 
 
 class AdapterTrainer(Trainer):
-    """A Trainer whose checkpoints are peftkit adapters plus Trainer's own optimizer/RNG state."""
+    """A Trainer whose checkpoints are peftkit adapters plus Trainer's own optimizer/RNG state.
+
+    With ``loss_head`` set (a frozen ``nn.Linear``, see :mod:`peftkit.train.loss`) training steps
+    compute the causal-LM loss in chunks from the last hidden states instead of the full logits.
+    """
+
+    loss_head = None  # set by make_trainer
+    loss_rows = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss; with ``loss_head`` the chunked loss (same value and gradient, less memory)."""
+        if self.loss_head is None or return_outputs or "labels" not in inputs or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .loss import causal_lm_loss_sum, head_bypassed
+
+        labels = inputs["labels"]
+        rest = {**{k: v for k, v in inputs.items() if k != "labels"}, "use_cache": False}
+        with head_bypassed(self.accelerator.unwrap_model(model), self.loss_head):
+            hidden = model(**rest).logits
+        total, count = causal_lm_loss_sum(hidden, labels, self.loss_head, self.loss_rows)
+        loss = total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the ranks
+        return loss
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         if not self.args.should_save:
@@ -75,15 +98,18 @@ class LossBar(ProgressCallback):
             self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
 
 
-def make_trainer(peft_model, args, train_set, eval_set, collator, seq_loss: bool) -> AdapterTrainer:
+def make_trainer(peft_model, args, train_set, eval_set, collator, seq_loss: bool,
+                 loss_head=None, loss_rows=None) -> AdapterTrainer:
     """Build the Trainer for ``peft_model`` with peftkit's progress bar.
 
     ``seq_loss`` says the model's loss is a per-token cross-entropy that accepts the batch's
-    token count, which keeps gradient accumulation exact with uneven padding.
+    token count, which keeps gradient accumulation exact with uneven padding. ``loss_head``
+    (with ``loss_rows`` per chunk) turns on the chunked training loss.
     """
     trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=train_set,
                              eval_dataset=eval_set, data_collator=collator)
     trainer.model_accepts_loss_kwargs = seq_loss
+    trainer.loss_head, trainer.loss_rows = loss_head, loss_rows
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
     return trainer

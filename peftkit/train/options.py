@@ -44,6 +44,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "faster steps (about a third less CPU on SmolLM2 QLoRA) but a higher peak that peftkit "
                         "estimate does not predict (see peftkit/train/alloc.py; MALLOC_* variables also win)")
     g.add_argument("--max-length", type=int, default=512, help="tokens per example; longer ones are cut")
+    g.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="pad each batch to its longest example instead of packing the batch's examples into one "
+                        "padding-free row (packing is checked to be exact on the model first, and turned off "
+                        "with a message when it is not)")
+    g.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length together (less padding; the automatic fallback "
+                        "when packing is not exact)")
+    g.add_argument("--loss-chunk", type=int, default=-1,
+                   help="tokens per chunk of the LM loss, so the full logits never exist at once (-1: about "
+                        "32 MiB of logits per chunk; 0: the model's plain loss)")
     m = p.add_argument_group("method")
     m.add_argument("--method", default="lora", help="a registered method name (lora, ...)")
     m.add_argument("--r", type=int, help="rank (methods that have one)")
