@@ -13,7 +13,8 @@ Closed loop (default): ``--requests`` completions from ``--concurrency`` client 
 for the next adapter in turn (greedy, ``--max-tokens`` tokens): requests/s, tokens/s, latency
 p50/p90/p99 and the mean batch size. ``--unbatched`` repeats each run with ``max_batch=1``.
 
-Open loop (``--poisson``): for each ``--scheduler`` and each rate in ``--rates`` (requests/s),
+Open loop (``--poisson``): for each ``--scheduler`` and each rate in ``--rates`` (requests/s;
+0 sends the same requests one at a time, each when the previous is done: the unloaded floor),
 ``--requests`` streamed completions arrive at Poisson times (the same seeded arrivals, prompts,
 output lengths and adapters for both schedulers), whether or not earlier ones are done. Prompt
 lengths are drawn from ``--prompt-lens`` and output lengths from ``--output-lens`` (uniformly),
@@ -148,7 +149,7 @@ def workload(args, rate: float, n_adapters: int, tok) -> list[dict]:
     olens = [int(x) for x in args.output_lens.split(",")]
     t, out = 0.0, []
     for _ in range(args.requests):
-        t += rng.expovariate(rate)
+        t += rng.expovariate(rate) if rate > 0 else 0.0
         want = rng.choice(plens)
         words = []
         while len(tok.encode(" ".join(words), add_special_tokens=False)) < want:
@@ -203,11 +204,19 @@ def poisson_run(args, model, tok, folders, scheduler: str, rate: float) -> dict:
             at = t0 + load[i]["at"]
             time.sleep(max(0.0, at - time.perf_counter()))
             try:
-                results[i] = streamed(port, load[i]["body"], args.timeout, at)
+                results[i] = streamed(port, load[i]["body"], args.timeout, max(at, time.perf_counter()))
             except Exception as e:  # recorded, not fatal: the run reports how many failed
                 errors.append(f"{type(e).__name__}: {e}")
 
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(load))]
+        def one_by_one():  # rate 0: each request alone, the next when it is done (the unloaded floor)
+            for i in range(len(load)):
+                if time.perf_counter() < t0 + args.max_seconds:
+                    client(i)
+
+        if rate > 0:
+            threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(load))]
+        else:
+            threads = [threading.Thread(target=one_by_one, daemon=True)]
         for th in threads:
             th.start()
         deadline = t0 + args.max_seconds
@@ -231,7 +240,8 @@ def poisson_run(args, model, tok, folders, scheduler: str, rate: float) -> dict:
 
 
 def verdict(rows: dict) -> str:
-    """Where static's p99 latency has doubled from its lowest-rate value, continuous vs static."""
+    """Where static's p99 latency has doubled from its lowest-rate value (rate 0: requests one at
+    a time), continuous vs static."""
     rates = sorted(r for (s, r) in rows if s == "static")
     if not rates or not any(("continuous", r) in rows for r in rates):
         return "(run both schedulers to compare them)"
@@ -277,11 +287,11 @@ def main_poisson(args, model, tok) -> None:
                 rows[(sch, rate)] = r
                 print(f"{sch} at {rate:g}/s: {r['tps']:.1f} tok/s, p99 TTFT {r['ttft99']:.2f} s, "
                       f"p99 latency {r['lat99']:.2f} s ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
-    print(f"## peftkit serve, {args.model}: open-loop Poisson arrivals, {args.requests} streamed requests per rate, "
+    print(f"## peftkit serve, {args.model}: open-loop Poisson arrivals (rate 0: one at a time), {args.requests} streamed requests per rate, "
           f"8 adapters + base, prompt lengths {{{args.prompt_lens}}}, output lengths {{{args.output_lens}}} tokens, "
           f"greedy, max_batch {args.max_batch}, loopback\n")
     print("| rate (req/s) | scheduler | done / failed | tokens/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 "
-          "| mean rows per step |")
+          "| mean rows per step (static: per generate) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (sch, rate), r in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0] != "static")):
         print(f"| {rate:g} | {sch} | {r['done']} / {r['failed']} | {r['tps']:.1f} | {r['ttft50']:.3f} s | "
@@ -303,7 +313,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     ap.add_argument("--unbatched", action="store_true", help="closed loop: also run with max_batch=1")
     ap.add_argument("--poisson", action="store_true", help="open-loop Poisson load, static vs continuous")
-    ap.add_argument("--rates", default="2,4,8,16", help="--poisson: comma list of request rates (req/s)")
+    ap.add_argument("--rates", default="0,2,8,16,32,64",
+                    help="--poisson: comma list of request rates (req/s); 0: one request at a time")
     ap.add_argument("--prompt-lens", default="8,32,96", help="--poisson: prompt lengths (tokens) drawn from")
     ap.add_argument("--output-lens", default="4,16,32,64", help="--poisson: output lengths (tokens) drawn from")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="--poisson: most seconds one run may take")
