@@ -20,7 +20,8 @@ Quantisers (bitsandbytes' formats, computed here in plain torch, so no GPU is ne
 - 4 bits, NF4 (Dettmers et al. 2023, QLoRA): blocks of 64 consecutive values of the row-major
   weight, each scaled by its absmax to [-1, 1] and rounded to the nearest of 16 levels that are
   quantiles of N(0, 1) (8 positive, 7 negative, and an exact 0), then rescaled.
-- 8 bits, LLM.int8()'s vector-wise format: per output row ``q = round(127 w / absmax_row)``.
+- 8 bits, LLM.int8()'s vector-wise format: the weight in float16, then per output row
+  ``q = round(127 w / absmax_row)``.
 
 Hugging Face PEFT 0.21 computes the same with bitsandbytes on a CUDA/XPU device; the tests run its
 ``loftq_init`` on CPU tensors and compare. :func:`replace_lora_weights_loftq` does LoftQ's single
@@ -96,10 +97,12 @@ def nf4_roundtrip(w: torch.Tensor) -> torch.Tensor:
 
 
 def int8_roundtrip(w: torch.Tensor) -> torch.Tensor:
-    """``dequant(quant_int8(w))`` for a float32 (out x in) matrix, one absmax per row."""
-    absmax = w.abs().amax(dim=1, keepdim=True)
-    q = torch.round(w * (127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny))).clamp_(-127, 127)
-    return q * (absmax / 127.0)
+    """``dequant(quant_int8(w))`` for a float32 (out x in) matrix: LLM.int8()'s storage rounds the
+    weight to float16 first, then keeps ``round(127 w / absmax_row)`` and the row's absmax."""
+    w16 = w.to(torch.float16).to(torch.float32)
+    absmax = w16.abs().amax(dim=1, keepdim=True)
+    q = torch.round(w16 * (127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny)))
+    return q * absmax * (1.0 / 127.0)  # an all-zero row stays zero
 
 
 def _svd_factors(res: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,13 +197,15 @@ def replace_lora_weights_loftq(peft_model, model_path: Optional[str] = None, ada
     ``model_path`` (safetensors). ``callback(model, module_name)`` may return False to undo one
     site's replacement (e.g. when the logits did not get closer to the unquantised model's).
     """
-    from ...core.inject import sites
+    from ...core.site import Site
     from ...quant.backend import dequantize, is_quantized
     from .delta import LoraLinear
 
     read = _weight_reader(peft_model, model_path)
     found = False
-    for path, site in sites(peft_model.base_model.model):
+    for path, site in peft_model.base_model.model.named_modules():  # model order, as PEFT goes
+        if not isinstance(site, Site):
+            continue
         delta = site.deltas._modules.get(adapter_name)
         if not isinstance(delta, LoraLinear) or not is_quantized(site.base_layer):
             continue
