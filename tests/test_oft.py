@@ -447,3 +447,19 @@ def _load_causal(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_peft_cpu_boft_file_with_lost_factors_is_refused_clearly(monkeypatch, tmp_path):
+    """Without its CUDA extension PEFT trains BOFT with one factor whatever the config says; the
+    file's boft_R then has 1 factor where the config asks for 2, and loading says which tensor."""
+    import peft.tuners.boft.layer as boft_layer
+    from peftkit import CheckpointError
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: None)
+    cfg = peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_llama(), cfg)
+    pm.save_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"boft_R.*shape \(1, 8, 4, 4\).*\(2, 8, 4, 4\)"):
+        PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
