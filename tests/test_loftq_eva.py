@@ -246,3 +246,37 @@ def test_eva_errors():
     with pytest.raises(ValueError, match="empty"):
         initialize_lora_eva_weights(pm, [])
     assert LoraConfig.from_dict(pm.peft_config["default"].to_dict()).eva_config == EvaConfig()
+
+
+def _train_argv(tmp_path, *extra):
+    from test_train_data import tiny_chat_model, write_jsonl
+
+    model_dir = tiny_chat_model(str(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"order {i}: {i % 7} lamps to city {i % 5}"} for i in range(12)])
+    return ["train", "--model", model_dir, "--data", data, "-o", str(tmp_path / "out"), "--threads", "1",
+            "--batch-size", "4", "--lr", "5e-3", "--max-steps", "2", "--save-every", "2", *extra]
+
+
+def test_train_command_with_eva_and_loftq(tmp_path):
+    """``peftkit train --set init_lora_weights=eva`` runs EVA on the training batches first; the saved
+    config describes the redistributed ranks, and the adapter loads in PEFT. LoftQ runs from --set too."""
+    import json
+
+    from peftkit.cli import main
+
+    argv = _train_argv(tmp_path, "--target", "q_proj,v_proj,o_proj", "--r", "4", "--set", "init_lora_weights=eva",
+                       "--set", 'eva_config={"rho": 2.0, "tau": 0.9}')
+    assert main(argv) == 0
+    with open(tmp_path / "out" / "adapter" / "adapter_config.json") as fh:
+        cfg = json.load(fh)
+    assert cfg["init_lora_weights"] == "eva" and cfg["eva_config"]["tau"] == 0.9 and cfg["rank_pattern"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    ranks = {k[len("base_model.model."):-len(".lora_A.weight")]: int(v.shape[0])
+             for k, v in saved.items() if k.endswith("lora_A.weight")}
+    assert all(ranks[name] == r for name, r in cfg["rank_pattern"].items())
+    assert sum(ranks.values()) <= 4 * len(ranks)  # the budget is redistributed, never grown
+    argv = _train_argv(tmp_path / "lq", "--target", "q_proj", "--r", "4", "--alpha", "4", "--set",
+                       "init_lora_weights=loftq", "--set", 'loftq_config={"loftq_bits": 4, "loftq_iter": 1}')
+    assert main(argv) == 0

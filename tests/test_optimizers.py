@@ -10,7 +10,7 @@ import torch
 
 from conftest import inputs_for, output_of, tiny_llama
 from peftkit import PeftModel
-from peftkit.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
+from peftkit.optimizers import LoraFAOptimizer, create_lorafa_optimizer, create_loraplus_optimizer
 
 peft = pytest.importorskip("peft")
 
@@ -103,3 +103,43 @@ def test_lorafa_projection_is_the_papers():
 def test_lorafa_needs_lora():
     with pytest.raises(ValueError, match="LoRA adapters"):
         create_lorafa_optimizer(tiny_llama(), r=4, lora_alpha=8, lr=1e-3)
+
+
+@pytest.mark.parametrize("optim", ["loraplus", "lorafa"])
+def test_train_command_uses_the_optimizer(optim, tmp_path, monkeypatch):
+    """``peftkit train --optim loraplus|lorafa`` hands Trainer peftkit's optimizer (LoRA+'s B group
+    at ratio x lr under Trainer's scheduler) and the run saves the adapter."""
+    from safetensors.torch import load_file
+
+    from peftkit.cli import main
+    from peftkit.train import optim as O
+    from test_train_data import tiny_chat_model, write_jsonl
+
+    made = []
+    real = O.build_optimizer
+    monkeypatch.setattr(O, "build_optimizer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    model_dir = tiny_chat_model(str(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"order {i}: {i % 7} lamps to city {i % 5}"} for i in range(12)])
+    argv = ["train", "--model", model_dir, "--data", data, "-o", str(tmp_path / "out"), "--threads", "1",
+            "--batch-size", "4", "--lr", "5e-3", "--max-steps", "2", "--save-every", "2", "--optim", optim,
+            "--loraplus-ratio", "8", "--set", "init_lora_weights=false"]
+    assert main(argv) == 0
+    (opt,) = made
+    if optim == "loraplus":
+        lrs = [g["initial_lr"] for g in opt.param_groups]
+        assert lrs[2] == 8 * lrs[0] and opt.param_groups[2]["params"]
+    else:
+        assert isinstance(opt, LoraFAOptimizer)
+    saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_A.weight") for k in saved)
+
+
+def test_lorafa_refuses_other_methods():
+    from peftkit import IA3Config, get_peft_model
+    from peftkit.config import ConfigError
+    from peftkit.train.optim import build_optimizer
+
+    pm = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    with pytest.raises(ConfigError, match="LoRA"):
+        build_optimizer("lorafa", pm, 1e-3)
+    assert build_optimizer("adamw", pm, 1e-3) is None

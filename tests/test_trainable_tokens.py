@@ -123,3 +123,18 @@ def test_bad_indices_are_refused_before_any_work():
         get_peft_model(tiny_llama(), TrainableTokensConfig(token_indices=[VOCAB + 3]))
     with pytest.raises(ValueError, match="no such module"):
         get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], trainable_token_indices={"nope": [1]}))
+
+
+def test_train_command_method_trainable_tokens(tmp_path):
+    """``peftkit train --method trainable_tokens --set token_indices=[...]`` saves PEFT's file."""
+    from peftkit.cli import main
+    from test_train_data import tiny_chat_model, write_jsonl
+
+    model_dir = tiny_chat_model(str(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"order {i}: {i % 7} lamps"} for i in range(12)])
+    assert main(["train", "--model", model_dir, "--data", data, "-o", str(tmp_path / "out"), "--threads", "1",
+                 "--batch-size", "4", "--lr", "5e-2", "--max-steps", "2", "--save-every", "2",
+                 "--method", "trainable_tokens", "--set", "token_indices=[5, 6, 7]"]) == 0
+    saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    (key,) = [k for k in saved if k.endswith("embed_tokens.trainable_tokens_delta")]
+    assert saved[key].shape[0] == 3

@@ -202,6 +202,12 @@ def run(args) -> int:
                         loss_chunk=getattr(args, "loss_chunk", -1), deepspeed=bool(getattr(args, "deepspeed", None)))
     for note in plan.notes:
         _log(f"note: {note}")
+    if getattr(config, "init_lora_weights", None) == "eva":  # EVA: A from the training data's activations
+        from ..methods.lora.eva import initialize_lora_eva_weights
+
+        initialize_lora_eva_weights(peft_model, torch.utils.data.DataLoader(
+            train_set, batch_size=args.batch_size, collate_fn=plan.collator), show_progress_bar=False)
+        _log(f"EVA: ranks {peft_model.peft_config['default'].rank_pattern or 'unchanged'}")
     rows = (args.loss_chunk if getattr(args, "loss_chunk", -1) > 0 else chunk_rows(plan.loss_head.out_features)) if plan.loss_head else None
     _log("batches: " + ("packed, padding-free" if plan.packed else "padded" + (", grouped by length" if plan.group_by_length else ""))
          + (f"; loss in chunks of {rows} tokens" if rows else ""))
@@ -225,6 +231,10 @@ def run(args) -> int:
     set_threads(args.threads)  # accelerate resets the thread count when it starts a process group
     trainer = make_trainer(peft_model, targs, train_set, eval_set, plan.collator,
                            seq_loss=task == "causal", loss_head=plan.loss_head, loss_rows=rows)
+    from .optim import build_optimizer  # --optim loraplus / lorafa: built here, scheduled by Trainer
+
+    trainer.optimizer = build_optimizer(args.optim, peft_model, args.lr, args.weight_decay,
+                                        getattr(args, "loraplus_ratio", 16.0))
     resume = args.resume
     if resume == "latest":
         resume = latest_checkpoint(ckpt_dir)

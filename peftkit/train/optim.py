@@ -11,7 +11,15 @@
                                                                 unified memory
 ``paged_adamw``        bitsandbytes ``PagedAdamW`` 32-bit       8 bytes, in CUDA unified memory
                        (``paged_adamw_32bit``)
+``loraplus``           fused ``torch.optim.AdamW`` with LoRA+    8 bytes
+                       groups: B at ``--loraplus-ratio`` x lr
+``lorafa``             LoRA-FA: A frozen, B on its projected    8 bytes, B and other tensors
+                       gradient (peftkit.optimizers)            only (A has no state)
 =====================  =======================================  =============================
+
+``loraplus`` and ``lorafa`` are built by :func:`build_optimizer` (peftkit.optimizers, PEFT's
+``create_loraplus_optimizer`` / ``create_lorafa_optimizer``) and handed to Trainer, whose
+scheduler then scales every group's learning rate alike (the LoRA+ ratio is kept).
 
 8-bit Adam (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization",
 arXiv:2110.02861) stores each moment ``m`` block-wise quantised: for every block ``b`` of 256
@@ -42,7 +50,12 @@ OPTIMIZERS = {
     "adamw_8bit": ("adamw_bnb_8bit", 8, False),
     "paged_adamw_8bit": ("paged_adamw_8bit", 8, True),
     "paged_adamw": ("paged_adamw_32bit", 32, True),
+    # built here and given to Trainer (build_optimizer); Trainer's own name is only a placeholder
+    "loraplus": ("adamw_torch_fused", 32, False),
+    "lorafa": ("adamw_torch", 32, False),
 }
+#: --optim values whose optimizer peftkit builds itself (needs the model), see build_optimizer
+OWN_OPTIMIZERS = ("loraplus", "lorafa")
 #: bitsandbytes' defaults: tensors smaller than this keep fp32 state; block size of 8-bit state
 MIN_8BIT_SIZE = 4096
 BLOCK = 256
@@ -84,7 +97,7 @@ def check_optim(name: str, cuda: Optional[bool] = None) -> str:
     if name not in OPTIMIZERS:
         raise ConfigError(f"--optim {name!r} is not known; choose one of {', '.join(OPTIMIZERS)}.")
     trainer_name, bits, paged = OPTIMIZERS[name]
-    if name == "adamw":
+    if name == "adamw" or name in OWN_OPTIMIZERS:
         return trainer_name
     cuda = _cuda() if cuda is None else cuda
     try:
@@ -125,3 +138,28 @@ def state_bytes(name: str, sizes: Iterable[int], fp32_sizes: Iterable[int] = ())
         else:
             total += 8 * n
     return total + (_QMAPS if eight else 0)
+
+
+def build_optimizer(name: str, model, lr: float, weight_decay: float = 0.0, loraplus_ratio: float = 16.0):
+    """The optimizer for ``--optim name`` when peftkit builds it (``loraplus``, ``lorafa``), else None
+    (Trainer builds the others from its ``optim`` name).
+
+    ``loraplus``: fused AdamW over LoRA+'s groups, ``B`` at ``loraplus_ratio`` x ``lr`` (the paper's
+    2^4 = 16 by default). ``lorafa``: LoRA-FA, which needs a LoRA adapter (its ``A`` is frozen here).
+    """
+    if name not in OWN_OPTIMIZERS:
+        return None
+    import torch
+
+    from ..optimizers import create_lorafa_optimizer, create_loraplus_optimizer
+
+    configs = getattr(model, "peft_config", {}) or {}
+    active = [configs[a] for a in getattr(model, "active_adapters", []) if a in configs]
+    if not active or any(getattr(c, "peft_type", None) != "LORA" for c in active):
+        raise ConfigError(f"--optim {name} is made for LoRA adapters (--method lora); the active adapter is "
+                          f"{[getattr(c, 'peft_type', None) for c in active]}. Use --optim adamw for other methods.")
+    if name == "loraplus":
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_ratio,
+                                         loraplus_weight_decay=weight_decay, fused=True)
+    cfg = active[0]
+    return create_lorafa_optimizer(model, r=cfg.r, lora_alpha=cfg.lora_alpha, lr=lr, weight_decay=weight_decay)

@@ -75,7 +75,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     t.add_argument("--optim", default="adamw", choices=list(OPTIMIZERS),
                    help="adamw (torch), adamw_8bit (bitsandbytes, CPU or GPU), paged_adamw_8bit / paged_adamw "
-                        "(bitsandbytes, CUDA GPU only)")
+                        "(bitsandbytes, CUDA GPU only), loraplus (B at --loraplus-ratio x lr), lorafa (LoRA-FA: A frozen)")
+    t.add_argument("--loraplus-ratio", type=float, default=16.0, help="--optim loraplus: lr of B / lr of A (LoRA+)")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate the eval loss every N steps (0: only at the end)")
     t.add_argument("--save-every", type=int, default=50, help="write a resumable checkpoint every N steps")
     t.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
