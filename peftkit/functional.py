@@ -176,7 +176,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[s
             raise
         # name the tensors as this model's keys spell them (no base_model.model. prefix)
         raise CheckpointError(str(e).replace(f"'{PREFIX}", "'")) from None
-    host.materialize(plan, adapter_name)  # an adapter added with low_cpu_mem_usage=True is on meta
+    plan = host.materialize(plan, adapter_name)  # meta (low_cpu_mem_usage) and sharded (FSDP2) destinations
     apply_plan(plan)
     loaded = {id(dest) for dest, _ in plan}
     missing = [k for k, t in model.state_dict(keep_vars=True).items() if id(t) not in loaded]

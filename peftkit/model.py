@@ -78,6 +78,29 @@ class PeftModel(nn.Module):
         return PeftType(t) if t in PeftType._value2member_map_ else t  # peftkit-only methods: their name
 
     @property
+    def active_peft_config(self) -> PeftConfig:
+        """The (first) active adapter's configuration."""
+        a = self.base_model.active_adapters
+        return self.peft_config[a[0] if a else next(iter(self.peft_config))]
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        """The base model's ``dtype`` attribute (transformers models have one), else None."""
+        return getattr(self.base_model.model, "dtype", None)
+
+    def get_layer_status(self) -> list:
+        """Every adapted layer's adapters and their state (PEFT's ``TunerLayerStatus`` list)."""
+        from .status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """The adapters' state over the whole model (PEFT's ``TunerModelStatus``)."""
+        from .status import get_model_status
+
+        return get_model_status(self)
+
+    @property
     def modules_to_save(self) -> Optional[set[str]]:
         """Names of the modules kept as trainable full copies by any adapter (None if none)."""
         names = {m for c in self.peft_config.values() for m in (getattr(c, "modules_to_save", None) or ())}
@@ -183,6 +206,12 @@ class PeftModel(nn.Module):
             self.base_model.check_known(name)
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             tensors = self.get_adapter_state_dict(name)
+            if kwargs.get("state_dict") is not None:  # gathered elsewhere (accelerate + FSDP), as in PEFT
+                from .functional import get_peft_model_state_dict
+
+                tensors = get_peft_model_state_dict(self, kwargs["state_dict"], adapter_name=name)
+            if not kwargs.get("is_main_process", True):
+                continue
             cfg = self.peft_config[name]
             base = getattr(getattr(self.base_model.model, "config", None), "_name_or_path", None)
             cfg = dataclasses.replace(cfg, inference_mode=True,

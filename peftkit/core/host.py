@@ -190,7 +190,7 @@ class Host(nn.Module):
                 else:
                     new = t.detach().to(dtype)
                 if isinstance(t, nn.Parameter):
-                    t.data = new
+                    _set_storage(t, new)
                 else:
                     tensor_dict[key] = new
 
@@ -304,6 +304,18 @@ class Host(nn.Module):
         """True when some adapter is merged into some site."""
         return any(site.merged for _, site in sites(self.model))
 
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """PEFT's tuner spelling of :meth:`merge`."""
+        self.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's tuner spelling of :meth:`unmerge`."""
+        self.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """Merge and return the plain model (PEFT's tuner method)."""
+        return self.unload(merge=True, names=adapter_names, safe_merge=safe_merge)
+
     def unload(self, merge: bool = False, names=None, safe_merge: bool = False) -> nn.Module:
         """Put the original modules back, merging ``names`` first when ``merge``; returns the model."""
         if merge:
@@ -338,8 +350,7 @@ class Host(nn.Module):
         anything is written; on error the adapter is removed again. Inference adapters are then
         packed where their method allows, unless ``packed=False``."""
         try:
-            plan = self.load_plan(name, tensors, source)
-            self.materialize(plan, name)
+            plan = self.materialize(self.load_plan(name, tensors, source), name)
             from ..io.peft_format import apply_plan
 
             apply_plan(plan, source=tensors, frozen=not is_trainable)
@@ -358,14 +369,19 @@ class Host(nn.Module):
             self.inject(name, config, **inject_kw)
         return self.load_weights(name, tensors, source, is_trainable, packed)
 
-    def materialize(self, plan, name: str) -> None:
-        """Destinations still on the meta device (``low_cpu_mem_usage``) get placeholder storage
-        on their layer's device, so that loading assigns the file's tensors to them."""
-        devices = self._devices(name)
-        for dest, _ in plan:
+    def materialize(self, plan, name: str) -> list:
+        """``plan`` made ready to apply: destinations still on the meta device
+        (``low_cpu_mem_usage``) get placeholder storage on their layer's device, so that loading
+        assigns the file's tensors to them; values for sharded (DTensor) destinations, as FSDP2
+        leaves them, are sharded alike (what ``load_state_dict`` does for PEFT)."""
+        devices = self._devices(name) if any(d.is_meta for d, _ in plan) else {}
+        out = []
+        for dest, value in plan:
             if dest.is_meta:
                 dev = devices.get(id(dest), torch.device("cpu"))
-                dest.data = torch.empty(1, dtype=dest.dtype, device=dev).expand(*dest.shape)
+                _set_storage(dest, torch.empty(1, dtype=dest.dtype, device=dev).expand(*dest.shape))
+            out.append((dest, _shard_like(dest, value)))
+        return out
 
     def _devices(self, name: str) -> dict[int, torch.device]:
         """id(tensor) -> the device adapter ``name``'s tensor belongs on."""
@@ -593,6 +609,26 @@ class AdapterHost(Host):
         from ..io.peft_format import load_plan
 
         return load_plan(self, name, tensors, source)
+
+
+def _shard_like(dest: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` laid out as ``dest`` when ``dest`` is a DTensor (FSDP2's sharded parameters)."""
+    placements = getattr(dest, "placements", None)
+    if placements is None or hasattr(value, "placements"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = dest.device_mesh
+    return distribute_tensor(value.to(device=mesh.device_type, dtype=dest.dtype), mesh, placements)
+
+
+def _set_storage(param: nn.Parameter, new: torch.Tensor) -> None:
+    """Give ``param`` the tensor ``new`` in place (same Python object, so every reference to it
+    stays valid); across devices, meta included, ``.data`` cannot do that, ``swap_tensors`` can."""
+    if new.device == param.device:
+        param.data = new
+    else:
+        torch.utils.swap_tensors(param, nn.Parameter(new, requires_grad=param.requires_grad))
 
 
 def _match_device(delta: nn.Module, base: nn.Module) -> None:
