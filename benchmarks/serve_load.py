@@ -294,7 +294,7 @@ def main_poisson(args, model, tok) -> None:
           "| mean rows per step (static: per generate) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (sch, rate), r in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0] != "static")):
-        print(f"| {rate:g} | {sch} | {r['done']} / {r['failed']} | {r['tps']:.1f} | {r['ttft50']:.3f} s | "
+        print(f"| {rate:g}{' (one at a time)' if rate == 0 else ''} | {sch} | {r['done']} / {r['failed']} | {r['tps']:.1f} | {r['ttft50']:.3f} s | "
               f"{r['ttft99']:.3f} s | {r['lat50']:.3f} s | {r['lat99']:.3f} s | {r['rows']:.1f} |")
     print("\n" + verdict(rows))
 

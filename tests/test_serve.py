@@ -220,6 +220,11 @@ def test_cli_registers_serve_and_parses_adapter_specs(tmp_path):
     parser, _ = build_parser()
     args = parser.parse_args(["serve", "--model", "m", "--adapters", "x", "named=y"])
     assert args.host == "127.0.0.1" and args.adapters == ["x", "named=y"]
+    assert args.scheduler == "continuous" and args.max_running_tokens is None
+    args = parser.parse_args(["serve", "--scheduler", "static", "--max-running-tokens", "4096"])
+    assert args.scheduler == "static" and args.max_running_tokens == 4096
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--scheduler", "fastest"])
     (tmp_path / "sql").mkdir()
     assert parse_adapter_specs([str(tmp_path / "sql"), f"chat={tmp_path / 'sql'}"]) == [
         ("sql", str(tmp_path / "sql")), ("chat", str(tmp_path / "sql"))]
@@ -297,7 +302,9 @@ def test_engine_cancels_rows_and_refuses_when_full():
             for k in ("a", "b"):
                 refs[k][0] = Job(prompt_ids=CharTokenizer().encode("Hi"), adapter="base", max_tokens=20, emit=sink(k, refs[k]))
                 engine.submit(refs[k][0])
-                time.sleep(0.2)
+                deadline = time.monotonic() + 30
+                while k == "a" and engine.queued() and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the worker took "a" and waits for the lock
             refs["c"][0] = Job(prompt_ids=[5], adapter="base", max_tokens=2, emit=sink("c", refs["c"]))
             with pytest.raises(EngineFull):
                 engine.submit(refs["c"][0])

@@ -5,6 +5,7 @@ shutdown and the batched cache's pad/trim."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -78,6 +79,13 @@ class Client:
 
     def text(self):
         return "".join(v for k, v in self.events if k == "delta")
+
+
+def wait_until(cond, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def engine_with(folders, names, factory=tiny_llama, **kw):
@@ -209,9 +217,10 @@ def test_gpt2_and_cancellation_and_shutdown(folders):
         assert kind == "done" and info["finish_reason"] == "cancelled" and info["completion_tokens"] < 40
         with engine.lock:  # the worker waits: one job taken, two queued, the next refused
             held = [Client(engine, "q", "base", 4) for _ in range(3)]
-            for c in held:
+            engine.submit(held[0].job)
+            wait_until(lambda: engine.queued() == 0)  # the worker took it and waits for the lock
+            for c in held[1:]:
                 engine.submit(c.job)
-                threading.Event().wait(0.1)
             with pytest.raises(EngineFull) as full:
                 engine.submit(Client(engine, "x", "base", 1).job)
             assert full.value.retry_after >= 1

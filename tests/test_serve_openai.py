@@ -150,13 +150,18 @@ def test_full_queue_is_503_with_retry_after():
                            http_client=openai.DefaultHttpx2Client(trust_env=False))
     try:
         with engine.lock:  # the worker holds one job and waits; one more fills the queue
-            for _ in range(2):
+            for i in range(2):
                 engine.submit(Job(prompt_ids=[5, 6], adapter="base", max_tokens=2, emit=lambda k, v: None))
-                time.sleep(0.2)
+                deadline = time.monotonic() + 30
+                while i == 0 and engine.queued() and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the first is taken by the worker, which then waits for the lock
             with pytest.raises(openai.InternalServerError) as err:
                 client.completions.create(model="base", prompt="x", max_tokens=2)
             assert err.value.status_code == 503 and int(err.value.response.headers["retry-after"]) >= 1
             assert err.value.body["type"] == "server_overloaded"
+        deadline = time.monotonic() + 30
+        while engine.queued() and time.monotonic() < deadline:  # the held requests drain
+            time.sleep(0.02)
         out = client.completions.create(model="base", prompt="x", max_tokens=2)
         assert out.choices[0].finish_reason in ("length", "stop")
     finally:
