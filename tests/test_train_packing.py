@@ -250,3 +250,25 @@ def test_peftkit_train_packs_by_default_and_not_with_no_packing(tmp_path):
     assert results["packed"]["batches"]["packed"] and results["packed"]["batches"]["loss_chunk_rows"]
     assert results["padded"]["batches"] == {"packed": False, "group_by_length": False, "loss_chunk_rows": None}
     assert results["packed"]["train_loss"] == pytest.approx(results["padded"]["train_loss"], abs=1e-5)
+
+
+def test_packed_collator_with_hugging_face_peft_and_a_plain_trainer(tmp_path):
+    """The documented use: real peft's get_peft_model + transformers.Trainer, packed == padded."""
+    peft = pytest.importorskip("peft")
+    from transformers import Trainer, TrainingArguments
+
+    from peftkit.train.data import EncodedDataset
+
+    data = EncodedDataset(examples(lengths=(5, 17, 9, 30, 12, 3, 22, 8), seed=4))
+    out = {}
+    for name, collator in (("padded", Collator(0)), ("packed", PackedCollator())):
+        torch.manual_seed(0)
+        pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules="all-linear",
+                                                               init_lora_weights=False))
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=2,
+                                 learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no", seed=0,
+                                 data_seed=0, remove_unused_columns=False, disable_tqdm=True, optim="adamw_torch")
+        Trainer(model=pm, args=args, train_dataset=data, data_collator=collator).train()
+        out[name] = {k: v.detach().clone() for k, v in pm.named_parameters() if v.requires_grad}
+    for k in out["padded"]:
+        torch.testing.assert_close(out["packed"][k], out["padded"][k], atol=1e-6, rtol=1e-5)
