@@ -39,9 +39,13 @@ def test_unsupported_layer_type_names_type_and_supported():
 def test_half_failed_injection_is_undone():
     net = TinyConvNet()
     net.conv2 = torch.nn.Conv2d(1, 4, 3, padding=1, groups=1)
-    net.bad = torch.nn.Conv1d(8, 8, 3, groups=2)
-    with pytest.raises(UnsupportedSite, match="groups=2"):
+    net.unfold = torch.nn.Unfold(2)
+    net.bad = torch.nn.Conv1d(9, 9, 3, groups=3)  # rank 8 is no multiple of 3 groups
+    with pytest.raises(ValueError, match="groups=3"):
         get_peft_model(net, LoraConfig(target_modules=["head", "conv1", "bad"]))
+    assert not any(isinstance(m, Site) for m in net.modules())
+    with pytest.raises(UnsupportedSite, match="Unfold"):
+        get_peft_model(net, LoraConfig(target_modules=["head", "conv1", "unfold"]))
     assert not any(isinstance(m, Site) for m in net.modules())
 
 
@@ -109,8 +113,8 @@ def test_config_unknown_keys_warn_missing_or_wrong_types_error(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**good, "lora_dropout": "x"}))
     with pytest.raises(ConfigError):
         PeftConfig.from_pretrained(str(tmp_path))
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**good, "lora_bias": True}))
-    with pytest.raises(ConfigError, match="lora_bias"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**good, "layer_replication": [[0, 2]]}))
+    with pytest.raises(ConfigError, match="layer_replication"):
         PeftConfig.from_pretrained(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

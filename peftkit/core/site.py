@@ -304,7 +304,8 @@ class Site(BaseLayerPassthrough):
         replacing = [(d, i) for d, i in groups if d.replaces_base]
         if replacing:
             for d, idx in replacing:
-                y = y.index_copy(0, idx, d.replace(x[idx], *rest, **kwargs).to(y.dtype))
+                part = d.replace(x[idx], *rest, **kwargs)  # a Delta that cannot split rows raises here
+                y = y.index_copy(0, idx, part.to(y.dtype))
             return y
         if not groups:
             return y

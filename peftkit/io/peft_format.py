@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..core.copies import ModuleCopy
 from ..core.inject import sites
 from ..core.method import is_placeholder
 from ..core.registry import get_method
@@ -52,7 +53,7 @@ def _aliases(host, name: str) -> tuple[dict[str, str], set[str]]:
     for path, site in sites(host.model):
         if name not in site.deltas:
             continue
-        if site.deltas[name].replaces_base:  # modules_to_save: PEFT may add these spellings
+        if isinstance(site.deltas[name], ModuleCopy):  # modules_to_save: PEFT may add these spellings
             for pname in site.deltas[name].module.state_dict():
                 alias[f"{PREFIX}{path}.modules_to_save.{pname}"] = f"{PREFIX}{path}.{pname}"
                 ignore.add(f"{PREFIX}{path}.original_module.{pname}")

@@ -32,6 +32,8 @@ class LoraConfig(PeftConfig):
         layers_to_transform / layers_pattern: restrict to these layer indices.
         rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha keyed by regex.
         use_dora: weight-decomposed LoRA (Liu et al. 2024): a trainable magnitude per output.
+        lora_bias: give ``B`` a trainable bias (``y = W x + s (B A x + b)``), e.g. for adapters
+            extracted from fully fine-tuned weights; merging needs a base bias.
         trainable_token_indices: also train these rows of the input embedding (a list of token
             ids), or of the named embedding layers (``{"embed_tokens": [...], ...}``); tied output
             heads follow (methods/trainable_tokens.py).
@@ -56,6 +58,7 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = dataclasses.field(default_factory=dict)
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     use_dora: bool = False
+    lora_bias: bool = False
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
     loftq_config: Any = dataclasses.field(default_factory=dict)
     eva_config: Any = None
@@ -63,7 +66,7 @@ class LoraConfig(PeftConfig):
     _inert_fields: ClassVar[dict[str, Any]] = {
         **PeftConfig._inert_fields,
         "megatron_config": None, "megatron_core": Any, "layer_replication": None,
-        "lora_bias": False, "corda_config": None, "runtime_config": Any,
+        "corda_config": None, "runtime_config": Any,
         "target_parameters": None, "alora_invocation_tokens": None,
         "arrow_config": None, "use_qalora": False, "qalora_group_size": Any, "ensure_weight_tying": False,
         "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "use_bdlora": None,
@@ -90,6 +93,11 @@ class LoraConfig(PeftConfig):
                 f"LoraConfig.init_lora_weights={init!r} is not one of True, False, 'gaussian', "
                 "'pissa', 'pissa_niter_<K>', 'olora', 'loftq', 'eva'."
             )
+        if self.lora_bias and init not in (True, False):
+            raise ConfigError(f"The argument lora_bias=True is only supported with init_lora_weights=True or False, "
+                              f"got init_lora_weights={init!r} instead.")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         self._sub_configs()
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("LoraConfig.layers_pattern needs layers_to_transform to be set too.")

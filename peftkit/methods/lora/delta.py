@@ -25,9 +25,13 @@ Initialisation (``init_lora_weights``): A Kaiming-uniform and B = 0 (the update 
 A = 0, B ~ N(0, 1).
 
 Site types: ``nn.Linear`` and GPT-2's ``Conv1D`` (weight stored in x out), ``nn.Embedding``
-(A: r x num_embeddings, B: dim x r, applied as a lookup), ``nn.Conv1d``/``nn.Conv2d`` (A is a
-conv with the base kernel, B a 1x1 conv). Every type is seen through one 2-D view of its weight,
-``W2`` (out x in_flat), so merging and DoRA are written once.
+(A: r x num_embeddings, B: dim x r, applied as a lookup), ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d``
+(A is a conv with the base kernel, B a 1x1 conv, grouped like the base), ``nn.MultiheadAttention``
+(mha.py). Every type is seen through one 2-D view of its weight, ``W2`` (out x in_flat), so merging
+and DoRA are written once.
+
+``lora_bias=True`` (PEFT's option) gives ``B`` a bias ``b``: ``y = W x + s (B A x + b)``; merging
+adds ``s b`` to the base layer's bias, which must exist.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ class LoraDelta(Delta):
         self.dropout_p = float(dropout)  # functional: dropout 0 costs no call at all
         self.use_dora = use_dora
         self.magnitude: Optional[nn.Parameter] = None
+        self.lora_B_bias: Optional[nn.Parameter] = None  # lora_bias=True: B's bias (linear, conv)
         self._merge_norm: Optional[torch.Tensor] = None
 
     # ----- per site type ----------------------------------------------------------
@@ -133,8 +138,9 @@ class LoraDelta(Delta):
         return self.add_update(self.dropout(x), y, inplace=True)
 
     def add_update(self, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
-        """``y + s B A x``: the one place LoRA's update is written (``x`` after dropout)."""
-        z = self.lora(x)
+        """``y + s B A x``: the one place LoRA's update is written (``x`` after dropout; for
+        linear layers the same sum as one ``addmm``, see :meth:`LoraLinear.add_update`)."""
+        z = self.lora(x)  # with lora_bias, B's bias is part of the conv here
         return y.add_(z, alpha=self.scaling) if inplace else torch.add(y, z, alpha=self.scaling)
 
     def _dora(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -152,9 +158,17 @@ class LoraDelta(Delta):
             lora_out = self.lora(xd)
         return y + (g - 1) * base_out + g * self.scaling * lora_out
 
+    def _merge_bias(self, base: nn.Module, sign: float) -> None:
+        if self.lora_B_bias is None:
+            return
+        if getattr(base, "bias", None) is None:
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+        base.bias.data.add_(self.lora_B_bias.reshape(-1).to(base.bias.dtype), alpha=sign * self.scaling)
+
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
         if self.magnitude is None:
+            self._merge_bias(base, 1.0)
             return super().merge(base)
         w2 = self.weight_2d(base)
         new = w2 + self.scaling * self.lora_weight_2d().to(w2.dtype)
@@ -166,6 +180,7 @@ class LoraDelta(Delta):
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
         if self.magnitude is None:
+            self._merge_bias(base, -1.0)
             return super().unmerge(base)
         w2 = self.weight_2d(base)
         old = w2 / (self.magnitude.reshape(-1).to(w2.dtype) / self._merge_norm).unsqueeze(1)
@@ -180,7 +195,8 @@ class LoraDelta(Delta):
         DoRA, active dropout and other site types return None: the Site then runs each
         adapter on its own rows.
         """
-        if cls is not LoraLinear or any(d.magnitude is not None or (d.dropout_p and d.training) for d in deltas):
+        if cls is not LoraLinear or any(d.magnitude is not None or d.lora_B_bias is not None
+                                        or (d.dropout_p and d.training) for d in deltas):
             return None
         from .mixed import lora_mixed
 
@@ -196,33 +212,40 @@ class LoraLinear(LoraDelta):
     ``lora_A.weight``/``lora_B.weight`` names.
     """
 
-    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", **LoraDelta.peft_names}
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias",
+                  **LoraDelta.peft_names}
 
-    def __init__(self, in_features: int, out_features: int, fan_in_fan_out: bool = False, **kw):
+    def __init__(self, in_features: int, out_features: int, fan_in_fan_out: bool = False,
+                 lora_bias: bool = False, **kw):
         super().__init__(**kw)
         self.fan_in_fan_out = fan_in_fan_out
         # uninitialised: init.initialise() fills them, or a checkpoint load supplies them
         self.lora_A = new_parameter(self.r, in_features)
         self.lora_B = new_parameter(out_features, self.r)
+        if lora_bias:
+            self.lora_B_bias = nn.Parameter(torch.zeros(out_features))
 
     def lora(self, x):
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B, self.lora_B_bias)
 
     def add_update(self, x, y, inplace):
         """``y + s B (A x)`` as one ``addmm`` on 2-D views: the add happens inside the matrix
         product and the scale lands on the small (tokens x r) side in backward. Other dtypes
         (autocast, a half-precision base under an fp32 adapter) or layouts add ``B (A x)``."""
         h = F.linear(x, self.lora_A)
-        b = self.lora_B
+        b, bias = self.lora_B, self.lora_B_bias
         if y.dtype != b.dtype or h.dtype != b.dtype or not y.is_contiguous():
-            z = F.linear(h, b)
+            z = F.linear(h, b, bias)
             return y.add_(z, alpha=self.scaling) if inplace else torch.add(y, z, alpha=self.scaling)
         y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
         h2 = h if h.dim() == 2 else h.reshape(-1, self.r)
         if inplace:
             y2.addmm_(h2, b.t(), alpha=self.scaling)
-            return y
-        return torch.addmm(y2, h2, b.t(), alpha=self.scaling).view(y.shape)
+        else:
+            y2 = torch.addmm(y2, h2, b.t(), alpha=self.scaling)
+        if bias is not None:
+            y2 = y2.add_(bias, alpha=self.scaling)  # y2 is the Site's or new here
+        return y if inplace else y2.view(y.shape)
 
     def factors(self):
         return self.lora_A, self.lora_B
@@ -232,7 +255,8 @@ class LoraLinear(LoraDelta):
 
     def packable(self) -> bool:
         """Plain LoRA only: DoRA's magnitude and merge state are not packed."""
-        return self.magnitude is None and self._merge_norm is None and not self._forward_hooks
+        return (self.magnitude is None and self._merge_norm is None and self.lora_B_bias is None
+                and not self._forward_hooks)
 
     def pack_tensors(self):
         """``A`` then ``B``."""
@@ -253,7 +277,7 @@ class LoraLinear(LoraDelta):
         view = cls.__new__(cls)
         Delta.__init__(view)
         view.__dict__.update(r=r, alpha=value * r, scaling=value, dropout_p=meta[1], use_dora=False,
-                             magnitude=None, _merge_norm=None, fan_in_fan_out=meta[0])
+                             magnitude=None, lora_B_bias=None, _merge_norm=None, fan_in_fan_out=meta[0])
         base = flat.storage_offset()  # one as_strided per factor: views are built on every switch
         view._parameters["lora_A"] = _frozen(flat.as_strided((r, n_in), (n_in, 1), base + off_a))
         view._parameters["lora_B"] = _frozen(flat.as_strided((n_out, r), (r, 1), base + off_b))
@@ -311,25 +335,33 @@ class LoraEmbedding(LoraDelta):
 
 
 class LoraConv(LoraDelta):
-    """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A is a conv with the base kernel, B a 1x1 conv.
+    """LoRA on ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d``: A is a conv with the base kernel, B a
+    1x1 conv with the base's groups (``r`` must then be a multiple of ``groups``, as in PEFT).
 
-    Both kernels are bare parameters (``lora_A``: r x in x k..., ``lora_B``: out x r x 1...),
-    saved under PEFT's ``lora_A.weight``/``lora_B.weight``.
+    Both kernels are bare parameters (``lora_A``: r x in x k..., ``lora_B``: out x r/groups x 1...),
+    saved under PEFT's ``lora_A.weight``/``lora_B.weight``. A grouped B has no dense ``B A``
+    product in the base kernel's layout, so grouped sites do not merge (as in PEFT).
     """
 
-    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", **LoraDelta.peft_names}
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias",
+                  **LoraDelta.peft_names}
     channel_dim = 1
 
-    def __init__(self, base: nn.Module, **kw):
+    def __init__(self, base: nn.Module, lora_bias: bool = False, **kw):
         super().__init__(**kw)
-        ones = (1,) * (base.weight.dim() - 2)
-        self._conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+        dims = base.weight.dim() - 2
+        ones = (1,) * dims
+        self._conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         self._conv_kw = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+        self.groups = base.groups
         self.lora_A = new_parameter(self.r, base.in_channels, *base.kernel_size)
-        self.lora_B = new_parameter(base.out_channels, self.r, *ones)
+        self.lora_B = new_parameter(base.out_channels, self.r // self.groups, *ones)
+        if lora_bias:
+            self.lora_B_bias = nn.Parameter(torch.zeros(base.out_channels))
 
     def lora(self, x):
-        return self._conv(self._conv(x, self.lora_A, **self._conv_kw), self.lora_B)
+        return self._conv(self._conv(x, self.lora_A, **self._conv_kw), self.lora_B, self.lora_B_bias,
+                          groups=self.groups)
 
     def init_magnitude(self, base):
         """DoRA on convolutions keeps Hugging Face PEFT's magnitude shape (1, out, 1, ...)."""
@@ -338,7 +370,13 @@ class LoraConv(LoraDelta):
         self.magnitude = nn.Parameter(self.magnitude.detach().reshape(shape))
 
     def factors(self):
-        return self.lora_A.reshape(self.r, -1), self.lora_B.reshape(-1, self.r)
+        return self.lora_A.reshape(self.r, -1), self.lora_B.reshape(self.lora_B.shape[0], -1)
+
+    def lora_weight_2d(self):
+        if self.groups > 1:
+            raise NotImplementedError("Merging is not supported for LoRA on convolutions with groups > 1 (as in "
+                                      "Hugging Face PEFT): keep the adapter unmerged; it runs as it is.")
+        return super().lora_weight_2d()
 
     def base_no_bias(self, x, base):
         return base._conv_forward(x, base.weight.to(x.dtype), None)
