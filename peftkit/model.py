@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from .config import PeftConfig, PeftType, TaskType
 from .core.host import IncompatibleKeys, host_for
 from .core.packed import packed_numel
+from .core.site import Site
 from .io.checkpoint import WEIGHTS_NAME, atomic_save_tensors, load_tensors
 
 
@@ -148,7 +150,7 @@ class PeftModel(nn.Module):
     # ----- merging ----------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold the active (or named) adapters into the base weights; exact and reversible."""
-        self.base_model.merge(adapter_names, safe_merge=safe_merge)
+        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Undo :meth:`merge_adapter`."""
@@ -157,7 +159,7 @@ class PeftModel(nn.Module):
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
                          progressbar: bool = False) -> nn.Module:
         """Merge and return the plain base model with the original module types."""
-        return self.base_model.unload(merge=True, names=adapter_names, safe_merge=safe_merge)
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove every adapter and return the original base model unchanged."""
@@ -282,17 +284,17 @@ class PeftModel(nn.Module):
             self.eval()
         return result
 
-    # ----- combining and hot-swapping (peftkit/combine.py, peftkit/hotswap.py) ----------
+    # ----- combining and hot-swapping (methods/lora/combine.py, methods/lora/hotswap.py) --
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs: Any) -> None:
-        """Add ``adapter_name`` combining LoRA ``adapters``; see :func:`peftkit.combine.add_weighted_adapter`."""
-        from .combine import add_weighted_adapter
+        """Add ``adapter_name`` combining LoRA ``adapters``; see :func:`peftkit.methods.lora.combine.add_weighted_adapter`."""
+        from .methods.lora.combine import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
     def hotswap_adapter(self, model_id: str, adapter_name: str = "default", **kwargs: Any) -> None:
-        """Replace ``adapter_name``'s weights in place from a saved adapter; see :mod:`peftkit.hotswap`."""
-        from .hotswap import hotswap_adapter
+        """Replace ``adapter_name``'s weights in place from a saved adapter; see :mod:`peftkit.methods.lora.hotswap`."""
+        from .methods.lora.hotswap import hotswap_adapter
 
         hotswap_adapter(self, model_id, adapter_name, **kwargs)
 
@@ -353,6 +355,10 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter.")
+    if host_for(peft_config).kind == "site" and any(isinstance(m, Site) for m in model.modules()):
+        warnings.warn("You are trying to modify a model with PEFT for a second time: it already holds adapters. "
+                      "To reload it with another config, call .unload() on the first PeftModel; to add an "
+                      "adapter, call its add_adapter(name, config).", UserWarning, stacklevel=2)
     cls = TASK_CLASSES.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                low_cpu_mem_usage=low_cpu_mem_usage)

@@ -402,3 +402,52 @@ def test_base_model_state_dict_and_get_submodules_match_peft():
     for k in got[peft][0]:
         torch.testing.assert_close(got[peftkit][0][k], got[peft][0][k])
     assert got[peftkit][1:] == got[peft][1:]
+
+
+def test_deleting_the_active_adapter_warns_and_activates_another():
+    for lib in LIBS:
+        model = wrapped(lib)
+        model.add_adapter("b", lora(lib))
+        model.set_adapter("b")
+        result, warned = caught(lambda: model.delete_adapter("b"))
+        assert result is None and len(warned) == 1, lib.__name__
+        assert "Adapter b was active which is now deleted" in warned[0][1]
+        assert model.active_adapters == ["default"] and trainable(model)
+        result, warned = caught(lambda: model.delete_adapter("default"))  # the last one: no warning left to give
+        assert result is None and model.active_adapters == [] and list(model.peft_config) == []
+        if lib is peftkit:  # PEFT leaves an empty lora.Linear; peftkit puts the original back
+            assert type(model.base_model.model.lin0) is nn.Linear
+
+
+def test_merge_adapter_names_must_be_a_list():
+    for lib in LIBS:
+        err, _ = caught(lambda: wrapped(lib).merge_adapter(adapter_names="default"))
+        assert type(err) is TypeError and "should be a list of strings" in str(err), lib.__name__
+        err, _ = caught(lambda: wrapped(lib).merge_and_unload(adapter_names="default"))
+        assert type(err) is TypeError, lib.__name__
+
+
+def test_wrapping_an_adapted_model_again_warns():
+    for lib in LIBS:
+        base = mlp()
+        lib.get_peft_model(base, lora(lib))
+        _, warned = caught(lambda: lib.get_peft_model(base, lib.LoraConfig(r=2, target_modules=["lin1"])))
+        assert any("for a second time" in m for _, m in warned), lib.__name__
+
+
+def test_load_adapter_key_mapping_renames_keys_as_peft(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    got = {}
+    for lib in LIBS:
+        source = wrapped(lib).eval()
+        folder = tmp_path / lib.__name__
+        source.save_pretrained(str(folder))
+        file = folder / "adapter_model.safetensors"
+        save_file({k.replace(".lin0.", ".old0."): v for k, v in load_file(str(file)).items()}, str(file))
+        model = lib.get_peft_model(mlp(), lora(lib))
+        model.load_adapter(str(folder), "renamed", key_mapping={r"^old0": "lin0"})
+        model.set_adapter("renamed")
+        torch.testing.assert_close(out(model), out(source))
+        got[lib] = out(model)
+    torch.testing.assert_close(got[peftkit], got[peft])

@@ -68,8 +68,16 @@ def _worker(rank: int, port: int, out: str) -> None:
             after = lib.get_peft_model_state_dict(model)
             loaded = all(torch.equal(after[k].full_tensor(), new[k]) for k in new)
             from_sd = lib.get_peft_model_state_dict(model, state_dict=model.state_dict())
+            full_sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+            folder = os.path.join(os.path.dirname(out), lib.__name__)
+            model.save_pretrained(folder, state_dict=full_sd)  # accelerate's way: a gathered state dict
+            from safetensors.torch import load_file
+
+            written = load_file(os.path.join(folder, "adapter_model.safetensors"))
             report[lib.__name__] = dict(keys=sorted(got), kinds=kinds, same=same, loaded=loaded,
-                                        unexpected=list(result.unexpected_keys), from_sd=sorted(from_sd))
+                                        unexpected=list(result.unexpected_keys), from_sd=sorted(from_sd),
+                                        written=sorted(written),
+                                        written_ok=all(torch.equal(written[k], new[k]) for k in new))
             if lib is peftkit:
                 full = gather_adapter_state(model)
                 report["gathered"] = all(torch.equal(full[k], new[k]) and type(full[k]) is torch.Tensor for k in new)
@@ -85,4 +93,5 @@ def test_state_dicts_of_an_fsdp2_model_behave_as_in_peft(tmp_path):
     ours, theirs = report["peftkit"], report["peft"]
     assert ours == theirs
     assert ours["kinds"] == ["DTensor"] and ours["same"] and ours["loaded"] and ours["unexpected"] == []
+    assert ours["written_ok"] and ours["written"] == ours["keys"]
     assert report["gathered"]

@@ -50,6 +50,14 @@ def unknown_adapter(name: Any, loaded: Iterable[str]) -> ValueError:
                       f"adapters {sorted(loaded)}). Pass one of these names.")
 
 
+def names_list(adapter_names):
+    """``adapter_names`` of the merge calls: None or a list; a bare string is PEFT's TypeError."""
+    if isinstance(adapter_names, str):
+        raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}: pass "
+                        f"[{adapter_names!r}].")
+    return adapter_names
+
+
 def method_kind(config) -> str:
     """``"site"`` or ``"prompt"``: which host strategy ``config``'s method needs."""
     return getattr(get_method(config.peft_type), "kind", "site")
@@ -234,11 +242,17 @@ class Host(nn.Module):
             raise ValueError(f"Cannot delete adapter(s) [{name!r}] while they are merged into the base weights. "
                              "Please unmerge them first (unmerge_adapter()).")
         self._remove(name, self.peft_config[name])
-        self._reactivate(name)
+        self._reactivate(name, warn=name in self.active_adapters)
 
-    def _reactivate(self, removed: str) -> None:
-        """After ``removed`` is gone: the other active adapters stay, else the first one loaded."""
-        remaining = [a for a in self.active_adapters if a != removed] or list(self.peft_config)[:1]
+    def _reactivate(self, removed: str, warn: bool = False) -> None:
+        """After ``removed`` is gone: the other active adapters stay, else the first one loaded
+        (with PEFT's warning when ``warn``: the active adapter was deleted)."""
+        remaining = [a for a in self.active_adapters if a != removed]
+        if not remaining and self.peft_config:
+            remaining = list(self.peft_config)[:1]
+            if warn:
+                warnings.warn(f"Adapter {removed} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.", UserWarning, stacklevel=4)
         self.active_adapters = []
         if remaining:
             self.set_adapter(remaining)
@@ -305,8 +319,8 @@ class Host(nn.Module):
         return any(site.merged for _, site in sites(self.model))
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
-        """PEFT's tuner spelling of :meth:`merge`."""
-        self.merge(adapter_names, safe_merge=safe_merge)
+        """PEFT's tuner spelling of :meth:`merge` (``adapter_names``: a list, as PEFT requires)."""
+        self.merge(names_list(adapter_names), safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """PEFT's tuner spelling of :meth:`unmerge`."""
@@ -314,7 +328,7 @@ class Host(nn.Module):
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """Merge and return the plain model (PEFT's tuner method)."""
-        return self.unload(merge=True, names=adapter_names, safe_merge=safe_merge)
+        return self.unload(merge=True, names=names_list(adapter_names), safe_merge=safe_merge)
 
     def unload(self, merge: bool = False, names=None, safe_merge: bool = False) -> nn.Module:
         """Put the original modules back, merging ``names`` first when ``merge``; returns the model."""
