@@ -138,3 +138,33 @@ def test_train_command_method_trainable_tokens(tmp_path):
     saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     (key,) = [k for k in saved if k.endswith("embed_tokens.trainable_tokens_delta")]
     assert saved[key].shape[0] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_smollm2_tied_embedding_both_ways(lora, tmp_path):
+    """SmolLM2-135M ties lm_head to its 49152 x 576 embedding: PEFT's file loads here and ours there."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.models import ModelLoadError, resolve
+
+    try:
+        path = resolve(None, log=lambda *_: None)
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
+    ids = [49150, 49151, 2, 17]
+    make = (lambda L: L.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=ids)) if lora else (
+        lambda L: L.TrainableTokensConfig(token_indices=ids))
+    batch = {"input_ids": torch.tensor([[1, 49150, 300, 49151, 17, 9, 2, 44]])}
+    theirs = peft.get_peft_model(load(), make(peft))
+    assert theirs.base_model.model.config.tie_word_embeddings
+    perturb(theirs, 1)
+    ref = output_of(theirs.eval(), batch)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours = PeftModel.from_pretrained(load(), str(tmp_path / "theirs")).eval()
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-4, rtol=1e-4)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(load(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(output_of(back, batch), ref, atol=1e-4, rtol=1e-4)
+    assert _keys(tmp_path / "ours") == _keys(tmp_path / "theirs")

@@ -128,6 +128,8 @@ class TokenRows(Delta):
         cols = F.linear(x.to(d.dtype), d)
         if base.bias is not None:
             cols = cols + base.bias[self.index].to(cols.dtype)
+        if not torch.is_grad_enabled():  # inference: y is the Site's own fresh logits, no copy of them
+            return y.index_copy_(y.dim() - 1, self.index, cols.to(y.dtype))
         return y.index_copy(y.dim() - 1, self.index, cols.to(y.dtype))
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
