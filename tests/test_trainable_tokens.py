@@ -168,3 +168,13 @@ def test_smollm2_tied_embedding_both_ways(lora, tmp_path):
     back = peft.PeftModel.from_pretrained(load(), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(output_of(back, batch), ref, atol=1e-4, rtol=1e-4)
     assert _keys(tmp_path / "ours") == _keys(tmp_path / "theirs")
+
+
+def test_inspect_names_the_embedding(tmp_path):
+    from peftkit.train.tools import describe
+
+    for name, cfg in {"tt": TrainableTokensConfig(token_indices=IDS),
+                      "lora": LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=IDS)}.items():
+        get_peft_model(tiny_llama(tie_word_embeddings=True), cfg).save_pretrained(str(tmp_path / name))
+    assert describe(str(tmp_path / "tt"))["adapted_module_names"] == ["embed_tokens", "lm_head"]
+    assert describe(str(tmp_path / "lora"))["adapted_module_names"] == ["embed_tokens", "q_proj"]

@@ -23,6 +23,7 @@ class LoraMethod(Method):
 
     name = "LORA"
     config_cls = LoraConfig
+    key_roots = ("token_adapter",)  # trainable_token_indices' rows: <embedding>.token_adapter.trainable_tokens_delta
 
     def prepare(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
         return with_default_targets(config, model, LORA_DEFAULT_TARGETS, "LoRA")
