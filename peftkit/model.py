@@ -50,7 +50,7 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model.model, name)
+            return getattr(self.base_model, name)  # the host, then the user's model (PEFT's order)
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with the adapter Sites inside it)."""
@@ -269,17 +269,23 @@ class PeftModel(nn.Module):
         """The one load routine: read config and tensors (before the model changes), inject
         without initialising, fill and check (rolled back on error), then eval mode for inference."""
         subfolder = kwargs.get("subfolder")
-        config = config or PeftConfig.from_pretrained(model_id, subfolder=subfolder)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
         folder = os.path.join(model_id, subfolder) if subfolder else model_id
+        exists = adapter_name in self.base_model.peft_config
+        if not exists:
+            config = config or PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+            config = dataclasses.replace(config, inference_mode=not is_trainable)
         tensors = load_tensors(folder)
         if key_mapping:
             from .functional import _remap
 
             tensors = _remap(tensors, key_mapping)
-        result = self.base_model.add_saved(adapter_name, config, tensors, folder, is_trainable=is_trainable,
-                                           packed=kwargs.get("packed", True), task_heads=self.task_heads,
-                                           **inject_kw)
+        if exists:  # PEFT's rule: new weights for the adapter already there (checked, as any load)
+            result = self.base_model.load_weights(adapter_name, tensors, folder, is_trainable=True,
+                                                  packed=False, remove_on_error=False)
+        else:
+            result = self.base_model.add_saved(adapter_name, config, tensors, folder, is_trainable=is_trainable,
+                                               packed=kwargs.get("packed", True), task_heads=self.task_heads,
+                                               **inject_kw)
         if not is_trainable:
             self.eval()
         return result

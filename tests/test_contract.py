@@ -253,11 +253,16 @@ METHOD_CONFIGS = {
     "loha": lambda lib: lib.LoHaConfig(r=2, target_modules=["lin0"]),
     "lokr": lambda lib: lib.LoKrConfig(r=2, target_modules=["lin0"]),
     "ia3": lambda lib: lib.IA3Config(target_modules=["lin0"], feedforward_modules=[]),
+    "adalora": lambda lib: lib.AdaLoraConfig(r=2, target_modules=["lin0"], total_step=10),
+    "vera": lambda lib: lib.VeraConfig(r=2, target_modules=["lin0"]),
+    "oft": lambda lib: lib.OFTConfig(r=2, oft_block_size=0, target_modules=["lin0"]),
+    "boft": lambda lib: lib.BOFTConfig(boft_block_size=2, target_modules=["lin0"]),
 }
 
 
-def adapter_dtypes(model) -> list[str]:
-    return sorted({str(p.dtype) for n, p in model.named_parameters() if p.requires_grad})
+def adapter_dtypes(model, name: str) -> list[str]:
+    """dtypes of adapter ``name``'s parameters (``...lora_A.<name>.weight`` / ``...deltas.<name>...``)."""
+    return sorted({str(p.dtype) for n, p in model.named_parameters() if f".{name}." in n or n.endswith("." + name)})
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
@@ -267,16 +272,13 @@ def test_autocast_adapter_dtype_matches_peft(method, dtype, autocast):
     got = {}
     for lib in LIBS:
         model = lib.get_peft_model(mlp(dtype), METHOD_CONFIGS[method](lib), autocast_adapter_dtype=autocast)
-        model.add_adapter("other", METHOD_CONFIGS[method](lib), autocast_adapter_dtype=not autocast)
-        model.set_adapter("other")
-        got[lib] = (adapter_dtypes(wrapped_set(model, "default")), adapter_dtypes(wrapped_set(model, "other")))
+        other = METHOD_CONFIGS[method](lib)
+        other.inference_mode = True  # AdaLoRA trains one adapter at a time
+        model.add_adapter("other", other, autocast_adapter_dtype=not autocast)
+        got[lib] = (adapter_dtypes(model, "default"), adapter_dtypes(model, "other"))
     assert got[peftkit] == got[peft]
     assert got[peftkit][0 if autocast else 1] == ["torch.float32"]
-
-
-def wrapped_set(model, name):
-    model.set_adapter(name)
-    return model
+    assert got[peftkit][1 if autocast else 0] == [str(dtype)]
 
 
 def test_half_adapter_in_the_layer_dtype_gives_peft_outputs():
@@ -451,3 +453,60 @@ def test_load_adapter_key_mapping_renames_keys_as_peft(tmp_path):
         torch.testing.assert_close(out(model), out(source))
         got[lib] = out(model)
     torch.testing.assert_close(got[peftkit], got[peft])
+
+
+def test_attributes_resolve_through_the_tuner_first():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for lib in LIBS:
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+        model = lib.get_peft_model(base, lib.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        assert model.model is base, lib.__name__  # PEFT: peft_model.model is the tuner's model
+        assert model.config is base.config and model.targeted_module_names == ["model.layers.0.self_attn.q_proj"]
+        assert model.base_model.targeted_module_names == model.targeted_module_names
+
+
+def test_load_adapter_into_an_existing_name_replaces_its_weights(tmp_path):
+    got = {}
+    for lib in LIBS:
+        source = wrapped(lib).eval()
+        folder = str(tmp_path / lib.__name__)
+        source.save_pretrained(folder)
+        model = lib.get_peft_model(mlp(), lora(lib)).eval()
+        assert not torch.allclose(out(model), out(source))
+        result = model.load_adapter(folder, "default")
+        torch.testing.assert_close(out(model), out(source))
+        got[lib] = (list(model.peft_config), list(result.unexpected_keys), trainable(model), model.training)
+    assert got[peftkit] == got[peft]
+
+
+def test_prompt_adapter_loads_in_eval_mode_and_disables_reentrantly(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    got = {}
+    for lib in LIBS:
+        folder = str(tmp_path / lib.__name__)
+        lib.get_peft_model(llama(), lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(folder)
+        base = llama().train()
+        model = lib.PeftModel.from_pretrained(base, folder)
+        with torch.no_grad():
+            on = model(input_ids=ids).logits
+            with model.disable_adapter():
+                with pytest.raises(KeyError):
+                    with model.disable_adapter():
+                        raise KeyError("inner")
+                off = model(input_ids=ids).logits
+            again = model(input_ids=ids).logits
+        torch.testing.assert_close(off, base(input_ids=ids).logits)
+        torch.testing.assert_close(again, on)
+        got[lib] = (model.training, base.training, on)
+    assert got[peftkit][:2] == got[peft][:2] == (False, False)
+    torch.testing.assert_close(got[peftkit][2], got[peft][2])

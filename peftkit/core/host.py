@@ -83,6 +83,23 @@ class Host(nn.Module):
         if cls.__dict__.get("kind"):
             HOSTS[cls.kind] = cls
 
+    def __getattr__(self, name: str):
+        """Attributes the host lacks are the user's model's (PEFT's tuner does the same), except
+        ``base_model``: code that unwraps ``getattr(x, "base_model", x)`` must stop at the host."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "base_model") or "model" not in self.__dict__.get("_modules", {}):
+                raise
+            fn = self._host_api(name)
+            if fn is not None:
+                return fn
+            return getattr(self._modules["model"], name)
+
+    def _host_api(self, name: str):
+        """A function the loaded methods offer on the host under ``name``, or None."""
+        return None
+
     def __init__(self, model: nn.Module):
         super().__init__()
         guard_quantized(model, only_new=True)  # quantised layers (targeted or not) train correctly
@@ -359,18 +376,20 @@ class Host(nn.Module):
 
     # ----- the load pipeline -----------------------------------------------------------
     def load_weights(self, name: str, tensors: dict, source: str, is_trainable: bool = False,
-                     packed: bool = True) -> IncompatibleKeys:
-        """Fill adapter ``name`` (just injected) from ``tensors``: checked by name and shape before
-        anything is written; on error the adapter is removed again. Inference adapters are then
-        packed where their method allows, unless ``packed=False``."""
+                     packed: bool = True, remove_on_error: bool = True) -> IncompatibleKeys:
+        """Fill adapter ``name`` from ``tensors``: checked by name and shape before anything is
+        written; on error a just-injected adapter is removed again (``remove_on_error``), an
+        existing one keeps its weights. Inference adapters are then packed where their method
+        allows, unless ``packed=False``."""
         try:
             plan = self.materialize(self.load_plan(name, tensors, source), name)
             from ..io.peft_format import apply_plan
 
             apply_plan(plan, source=tensors, frozen=not is_trainable)
         except BaseException:
-            self._remove(name, self.peft_config[name])
-            self._reactivate(name)
+            if remove_on_error:
+                self._remove(name, self.peft_config[name])
+                self._reactivate(name)
             raise
         if not is_trainable and packed:
             self.pack(name)
@@ -450,18 +469,19 @@ class AdapterHost(Host):
         self._base_on: set[str] = set()                    # base parameter names requiring grad
         self._base_frozen = False
 
-    def __getattr__(self, name: str):
+    def _host_api(self, name: str):
         """Functions a loaded method offers on the host (``Method.host_api``), e.g. AdaLoRA's
         ``update_and_allocate``; called with the host as first argument."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            configs = self.__dict__.get("peft_config") or {}
-            for config in configs.values():
-                fn = get_method(config.peft_type).host_api().get(name)
-                if fn is not None:
-                    return functools.partial(fn, self)
-            raise
+        for config in (self.__dict__.get("peft_config") or {}).values():
+            fn = get_method(config.peft_type).host_api().get(name)
+            if fn is not None:
+                return functools.partial(fn, self)
+        return None
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Paths of the modules that hold an adapter (not the ``modules_to_save`` copies), as PEFT lists them."""
+        return [p for p, site in sites(self.model) if any(not d.replaces_base for _, d in site.deltas.items())]
 
     # ----- running --------------------------------------------------------------------
     def _routing(self, adapter_names: Optional[list[str]], reuse: bool = False):
