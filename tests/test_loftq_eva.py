@@ -232,6 +232,22 @@ def test_eva_whitens_shared_inputs_once(monkeypatch):
         torch.testing.assert_close(runs[True][name], want)
 
 
+def test_eva_with_low_cpu_mem_usage_equals_without():
+    """PEFT advises low_cpu_mem_usage=True for EVA (the factors start on the meta device)."""
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="eva")
+    runs = []
+    for low in (False, True):
+        pm = get_peft_model(tiny_llama(), LoraConfig(**cfg, eva_config=EvaConfig()), low_cpu_mem_usage=low)
+        initialize_lora_eva_weights(pm, _loader(), show_progress_bar=False)
+        runs.append(pm)
+    for (n, a), (_, b) in zip(runs[0].named_parameters(), runs[1].named_parameters()):
+        assert not b.is_meta, n
+        if "lora_A" in n:
+            torch.testing.assert_close(a, b)
+    batch = inputs_for(runs[1])
+    torch.testing.assert_close(output_of(runs[1], batch), output_of(tiny_llama(), batch))
+
+
 def test_eva_errors():
     with pytest.raises(ConfigError, match="rho"):
         EvaConfig(rho=0.5)

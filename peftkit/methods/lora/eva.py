@@ -435,6 +435,7 @@ def initialize_lora_eva_weights(model, dataloader: Optional[Iterable] = None, ev
         r = pattern_value(cfg.rank_pattern, name, cfg.r)
         alpha = pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
         w = state.pop(name, None)
+        _materialise(delta, site.base_layer)
         if w is None:
             initialise(delta, True, site.base_layer)
             missing.append(name)
@@ -464,6 +465,15 @@ def initialize_lora_eva_weights(model, dataloader: Optional[Iterable] = None, ev
         warnings.warn(f"EVA had no components for {missing}; they keep the default LoRA initialisation "
                       "(EVA covers linear layers only).")
     return model
+
+
+def _materialise(delta, base: nn.Module) -> None:
+    """Real storage on the layer's device for factors made on the meta device (low_cpu_mem_usage)."""
+    device = base.weight.device
+    for p in delta.parameters(recurse=False):
+        if p.is_meta:  # .data cannot cross devices; swapping keeps the same Parameter object
+            torch.utils.swap_tensors(p, nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=device),
+                                                     requires_grad=p.requires_grad))
 
 
 def _resize(delta, r: int, alpha: float, use_rslora: bool, a: torch.Tensor, base: nn.Module) -> None:
