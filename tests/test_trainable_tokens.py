@@ -178,3 +178,22 @@ def test_inspect_names_the_embedding(tmp_path):
         get_peft_model(tiny_llama(tie_word_embeddings=True), cfg).save_pretrained(str(tmp_path / name))
     assert describe(str(tmp_path / "tt"))["adapted_module_names"] == ["embed_tokens", "lm_head"]
     assert describe(str(tmp_path / "lora"))["adapted_module_names"] == ["embed_tokens", "q_proj"]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_low_cpu_mem_usage_load_merges_and_unmerges(lora, tmp_path):
+    cfg = LoraConfig(target_modules=["q_proj"], trainable_token_indices=IDS) if lora else TrainableTokensConfig(token_indices=IDS)
+    pm = get_peft_model(tiny_llama(tie_word_embeddings=True), cfg)
+    perturb(pm, 1)
+    pm.eval()
+    batch = _ids_batch(pm)
+    ref = output_of(pm, batch)
+    pm.save_pretrained(str(tmp_path))
+    m = PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), str(tmp_path), low_cpu_mem_usage=True).eval()
+    assert not [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+    torch.testing.assert_close(output_of(m, batch), ref)
+    m.merge_adapter()
+    torch.testing.assert_close(output_of(m, batch), ref, atol=1e-5, rtol=1e-5)
+    m.unmerge_adapter()
+    torch.testing.assert_close(m.base_model.model.model.embed_tokens.weight,
+                               tiny_llama(tie_word_embeddings=True).model.embed_tokens.weight)

@@ -11,7 +11,7 @@ initialised to ``E[I]``, and the embedding becomes::
 
 With tied weights (``tie_word_embeddings``: the output head's weight *is* ``E``), the head
 follows: logits for the ids in ``I`` use ``D``, ``z[..., i_j] = h . D[j]`` (+ bias), from the same
-tensor ``D``. Merging writes ``D`` into ``E[I]``; unmerging restores the rows saved at creation.
+tensor ``D``. Merging writes ``D`` into ``E[I]``; unmerging restores the rows it replaced.
 
 File format (PEFT 0.21): ``<embedding path>.trainable_tokens_delta`` for the method of its own,
 plus the tied head's ``lm_head.trainable_tokens_delta`` (a copy of the same ``D``); alongside LoRA,
@@ -99,10 +99,11 @@ class TokenRows(Delta):
         #: the Delta whose rows this one uses (a tied head), kept out of the module tree
         self._owner = [owner] if owner is not None else []
         self.register_buffer("index", torch.tensor(ids, dtype=torch.long, device=weight.device), persistent=False)
-        with torch.no_grad():
-            original = weight.detach()[self.index].clone()
-        self.register_buffer("original", original, persistent=False)
+        #: the rows the weight had before a merge wrote ``D`` into them (None: not merged)
+        self._saved: Optional[torch.Tensor] = None
         if owner is None:
+            with torch.no_grad():
+                original = weight.detach()[self.index]
             dtype = adapter_dtype(base)
             start = original if init_weights else torch.randn(original.shape, dtype=original.dtype, device=original.device)
             self.rows = nn.Parameter(start.to(dtype).clone())
@@ -141,13 +142,21 @@ class TokenRows(Delta):
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
-        """Write ``D`` into the rows (idempotent, so a tied head merging too changes nothing)."""
-        base.weight.data.index_copy_(0, self.index, self.weight_rows().detach().to(base.weight.dtype))
+        """Write ``D`` into the rows, keeping the rows it replaces. A tied embedding and head share
+        one weight and one record (the owner's), so the second of them to merge changes nothing."""
+        keeper = self._owner[0] if self._owner else self
+        w = base.weight
+        if keeper._saved is None:
+            keeper._saved = w.detach()[self.index].clone()
+        w.data.index_copy_(0, self.index, self.weight_rows().detach().to(w.dtype))
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
-        """Put back the rows the embedding had when this adapter was made."""
-        base.weight.data.index_copy_(0, self.index, self.original.to(base.weight.dtype))
+        """Put back the rows the weight had before :meth:`merge` (once for tied layers)."""
+        keeper = self._owner[0] if self._owner else self
+        if keeper._saved is not None:
+            base.weight.data.index_copy_(0, self.index, keeper._saved.to(base.weight.device, base.weight.dtype))
+            keeper._saved = None
 
 
 class WrappedTokenRows(TokenRows):
