@@ -197,3 +197,25 @@ def test_low_cpu_mem_usage_load_merges_and_unmerges(lora, tmp_path):
     m.unmerge_adapter()
     torch.testing.assert_close(m.base_model.model.model.embed_tokens.weight,
                                tiny_llama(tie_word_embeddings=True).model.embed_tokens.weight)
+
+
+def test_two_adapters_in_one_mixed_batch():
+    """Rows of a batch may use different token adapters (PEFT's adapter_names=...)."""
+    model = get_peft_model(tiny_llama(tie_word_embeddings=True), TrainableTokensConfig(token_indices=IDS))
+    model.add_adapter("other", TrainableTokensConfig(token_indices=IDS[:2] + [7]))
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        perturb(model, 11 if name == "other" else 12)
+    model.eval()
+    batch = _ids_batch(model)
+    batch["input_ids"][1, :3] = torch.tensor([7, 3, 17])
+    alone = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        alone[name] = output_of(model, batch)
+    with model.disable_adapter():
+        plain = output_of(model, batch)
+    mixed = model(**batch, adapter_names=["other", "__base__"]).logits
+    torch.testing.assert_close(mixed[0], alone["other"][0])
+    torch.testing.assert_close(mixed[1], plain[1])
+    assert (alone["other"][0] - alone["default"][0]).abs().max() > 1e-4
