@@ -296,3 +296,45 @@ def test_train_command_with_eva_and_loftq(tmp_path):
     argv = _train_argv(tmp_path / "lq", "--target", "q_proj", "--r", "4", "--alpha", "4", "--set",
                        "init_lora_weights=loftq", "--set", 'loftq_config={"loftq_bits": 4, "loftq_iter": 1}')
     assert main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.models import ModelLoadError, resolve
+
+    try:
+        path = resolve(None, log=lambda *_: None)
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    return lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.slow
+def test_smollm2_loftq_and_eva_match_peft(smollm2, monkeypatch):
+    """On the real model (GQA shapes, 576 -> 192 k/v projections): LoftQ's logits and EVA's ranks
+    and A equal PEFT's."""
+    from peft.tuners.lora.config import EvaConfig as PeftEva
+    from peft.tuners.lora.eva import initialize_lora_eva_weights as peft_eva
+
+    batch = {"input_ids": torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))}
+    kw = dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1, 2],
+              init_lora_weights="loftq")
+    with cuda_as_cpu(monkeypatch):
+        theirs = peft.get_peft_model(smollm2(), peft.LoraConfig(**kw, loftq_config=peft.LoftQConfig(loftq_bits=4)))
+    ours = get_peft_model(smollm2(), LoraConfig(**kw, loftq_config=LoftQConfig(loftq_bits=4)))
+    torch.testing.assert_close(output_of(ours, batch), output_of(theirs, batch), atol=1e-3, rtol=1e-3)
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 49152, (2, 48), generator=g)} for _ in range(4)]
+    kw = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+              layers_to_transform=[0, 1], init_lora_weights="eva")
+    theirs = peft.get_peft_model(smollm2(), peft.LoraConfig(**kw, eva_config=PeftEva(tau=0.9)))
+    peft_eva(theirs, data, show_progress_bar=False)
+    ours = get_peft_model(smollm2(), LoraConfig(**kw, eva_config=EvaConfig(tau=0.9)))
+    initialize_lora_eva_weights(ours, data, show_progress_bar=False)
+    assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
+    a_t, a_o = _a_factors(theirs, ".lora_A.default.weight"), _a_factors(ours, ".deltas.default.lora_A")
+    assert sorted(a_t) == sorted(a_o)
+    for name in a_t:
+        torch.testing.assert_close(a_o[name], a_t[name], atol=1e-4, rtol=1e-3)
