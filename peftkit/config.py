@@ -5,6 +5,12 @@ Hugging Face PEFT's ``adapter_config.json``: the same field names, ``peft_type``
 Reading a file tolerates fields this version does not know (a newer writer): they are warned
 about and ignored. Fields that are known but hold a value peftkit cannot honour (a PEFT feature
 not implemented here) are an error, since silently dropping them would change the outputs.
+
+In memory, as in PEFT, ``config.peft_type`` is a :class:`PeftType` member (``PeftType.LORA``, with
+``.value == "LORA"``), also after ``from_pretrained``; ``task_type`` keeps what was given (a string
+or a :class:`TaskType`). Both are ``str`` subclasses, so comparing with ``"LORA"`` works, and the
+JSON holds the plain strings. ``peft_version`` records the PEFT release whose file format was
+written (:data:`PEFT_FORMAT_VERSION`; a file's own value is kept on reload, as PEFT keeps it).
 """
 from __future__ import annotations
 
@@ -17,8 +23,25 @@ from typing import Any, ClassVar, Optional
 
 CONFIG_NAME = "adapter_config.json"
 
+#: The Hugging Face PEFT release whose adapter format peftkit writes (and tests against), recorded
+#: as ``peft_version``. Readers parse this field as a PEFT release to pick a format (PEFT's OFT
+#: treats files below 0.18 as its old Cayley-Neumann form), so peftkit's own version, which names
+#: no PEFT format, is not written here but in the model card (io/model_card.py).
+PEFT_FORMAT_VERSION = "0.21.2"
 
-class TaskType(str, enum.Enum):
+
+class _StrValueEnum(str, enum.Enum):
+    """A ``str`` enum whose ``str()`` and f-string form is the value (``"LORA"``), so messages and
+    string comparisons read the same whether a field holds the member or the plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class TaskType(_StrValueEnum):
     """The task a wrapped model solves; picks the PeftModel subclass and default extras."""
 
     CAUSAL_LM = "CAUSAL_LM"
@@ -29,7 +52,7 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
-class PeftType(str, enum.Enum):
+class PeftType(_StrValueEnum):
     """Method identifiers, spelled as Hugging Face PEFT writes them in ``peft_type``."""
 
     LORA = "LORA"
@@ -64,6 +87,11 @@ class PeftConfig:
         base_model_name_or_path: recorded on save so that ``from_pretrained`` can name the base.
         revision: the base model's revision, recorded for the user.
         inference_mode: True freezes the adapter (as when loaded without ``is_trainable``).
+        auto_mapping: for adapters without a task type, the base model's class and library
+            (``{"base_model_class": ..., "parent_library": ...}``), written on save as PEFT does
+            and read by ``AutoPeftModel``.
+        peft_version: the PEFT release whose format the file holds; None fills in
+            :data:`PEFT_FORMAT_VERSION`.
     """
 
     peft_type: Optional[str] = None
@@ -71,22 +99,26 @@ class PeftConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
+    auto_mapping: Optional[dict] = None
+    peft_version: Optional[str] = None
 
     # Fields Hugging Face PEFT writes that peftkit accepts silently when they hold these
     # values (defaults meaning "feature off"); any other value is refused with ConfigError.
-    _inert_fields: ClassVar[dict[str, Any]] = {
-        "auto_mapping": Any, "peft_version": Any, "modules_to_save": None,
-    }
+    _inert_fields: ClassVar[dict[str, Any]] = {"modules_to_save": None}
 
     def __post_init__(self) -> None:
-        if isinstance(self.task_type, TaskType):
-            self.task_type = self.task_type.value
         if self.task_type is not None and self.task_type not in TaskType.__members__:
             raise ConfigError(
                 f"task_type={self.task_type!r} is not one of {sorted(TaskType.__members__)}."
             )
-        if isinstance(self.peft_type, PeftType):
-            self.peft_type = self.peft_type.value
+        if self.peft_version is None:
+            self.peft_version = PEFT_FORMAT_VERSION
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # PEFT's configs hold the enum member; subclasses assign the plain string in __post_init__
+        if name == "peft_type" and isinstance(value, str) and value in PeftType._value2member_map_:
+            value = PeftType(value)
+        super().__setattr__(name, value)
 
     # ----- dict / JSON ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -193,7 +193,8 @@ class PeftModel(nn.Module):
 
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
                         safe_serialization: bool = True, **kwargs: Any) -> None:
-        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (``.bin``
+        with ``safe_serialization=False``), and the model card ``README.md``, as PEFT does.
 
         The adapter named ``default`` goes to ``save_directory`` itself, any other to
         ``save_directory/<name>`` (Hugging Face PEFT's layout). Each file is replaced atomically.
@@ -201,6 +202,10 @@ class PeftModel(nn.Module):
         adapter was saved right after initialisation; the file written is then a plain LoRA of
         rank 2r that applies to the original, unmodified base model (as in Hugging Face PEFT).
         """
+        from .io.checkpoint import save_weights
+        from .io.model_card import write_model_card
+        from .io.saved_config import config_for_save
+
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
         names = selected_adapters or list(self.peft_config)
@@ -223,8 +228,10 @@ class PeftModel(nn.Module):
                 from .core.registry import get_method
 
                 tensors, cfg = get_method(cfg.peft_type).convert_for_original_base(tensors, load_tensors(initial), cfg)
-            atomic_save_tensors(os.path.join(folder, WEIGHTS_NAME), tensors)
-            cfg.save_pretrained(folder)
+            save_weights(folder, tensors, safe_serialization)  # .safetensors, or .bin as PEFT writes it
+            config_for_save(self, name, cfg).save_pretrained(folder)  # all-linear expanded, auto_mapping
+        if kwargs.get("is_main_process", True):
+            write_model_card(self, save_directory)  # README.md as PEFT writes it (io/model_card.py)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,

@@ -61,6 +61,34 @@ def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: O
     _atomic(path, lambda fh: fh.write(blob))
 
 
+def atomic_torch_save(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` with ``torch.save`` to ``path`` atomically (PEFT's ``adapter_model.bin``).
+
+    Each tensor is a contiguous CPU copy: ``torch.save`` writes a view's whole storage, and a
+    packed adapter's tensors are views of one buffer. The file holds only tensors, so
+    ``torch.load(weights_only=True)`` reads it (here and in PEFT).
+    """
+    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic(path, lambda fh: torch.save(data, fh))
+
+
+def save_weights(folder: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> str:
+    """Write an adapter's tensors into ``folder``: ``adapter_model.safetensors``, or with
+    ``safe_serialization=False`` ``adapter_model.bin``, as PEFT names them; returns the path.
+
+    Once the new file is in place, the other format's file from an earlier save is removed:
+    readers (peftkit's and PEFT's) take a safetensors file first, so a stale one would be read
+    instead of a new ``.bin``, and a stale ``.bin`` would describe other weights.
+    """
+    name, other = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if safe_serialization else (LEGACY_WEIGHTS_NAME, WEIGHTS_NAME)
+    path = os.path.join(folder, name)
+    (atomic_save_tensors if safe_serialization else atomic_torch_save)(path, tensors)
+    stale = os.path.join(folder, other)
+    if os.path.isfile(stale):
+        os.unlink(stale)
+    return path
+
+
 class AdapterTensors(dict):
     """Name -> tensor, as read from one adapter file.
 
