@@ -57,7 +57,6 @@ def _decayed_names(model: nn.Module) -> set[str]:
             full = f"{mname}.{pname}" if mname else pname
             if "bias" not in full:
                 out.add(full)
-    # a parameter below a LayerNorm (never in practice) would be listed by its owner only
     return out
 
 
