@@ -11,13 +11,21 @@ Equations, for a frozen layer ``y = W x + b`` and a learned vector ``l``::
 
     x ──► W ──► ⊙ l ──► y'            x ──► ⊙ l ──► W ──► y'
 
+On convolutions (nn.Conv2d, nn.Conv3d: the types PEFT 0.21 adapts; nn.Conv1d is refused, as
+there) ``l`` scales channels, ``(1, C, 1, 1[, 1])`` on disk: output channels, or input channels for
+feed-forward targets. Zero padding stays zero under the scaling, so both forms merge exactly;
+for a grouped convolution input channel ``c`` of group ``g`` scales the weight's column
+``c - g * in/groups`` in the rows of group ``g``::
+
+    x: (N, C_in, *spatial) ──► conv_W ──► y: (N, C_out, *spatial) ──► ⊙ l[None, :, None, ...]
+
 Initialisation: ``l = 1`` (the model starts exactly at the base). ``init_ia3_weights=False``
 draws ``l ~ N(0, 1)`` (tests only).
 
 Merging is exact and multiplicative: rows (or columns, feed-forward) of ``W`` are scaled by ``l``
 and, for output scaling, the bias too; unmerging divides, so a zero in ``l`` cannot be undone
 (the error says so). On disk: ``<module>.ia3_l`` of shape (out, 1), or (1, in) for feed-forward
-layers, exactly as Hugging Face PEFT writes it.
+layers, and (1, C, 1, ...) for convolutions, exactly as Hugging Face PEFT writes it.
 """
 from __future__ import annotations
 
@@ -92,35 +100,56 @@ class IA3Config(PeftConfig):
         return any(path.endswith(t) for t in ff)
 
 
+#: Convolutions PEFT 0.21 adapts with (IA)^3 (its IA3Model refuses nn.Conv1d)
+CONV_TYPES = (nn.Conv2d, nn.Conv3d)
+
+
 class IA3Delta(Delta):
-    """One learned scaling vector at a linear (or Conv1D) layer."""
+    """One learned scaling vector at a linear (or Conv1D) layer, or per channel at a convolution
+    (``spatial`` > 0: the number of the kernel's dimensions)."""
 
     mergeable = True
     peft_names = {"ia3_l": "ia3_l"}
 
-    def __init__(self, in_features: int, out_features: int, feedforward: bool, init: bool):
+    def __init__(self, in_features: int, out_features: int, feedforward: bool, init: bool, spatial: int = 0):
         super().__init__()
         self.feedforward = feedforward
         self.transforms_input = feedforward
-        shape = (1, in_features) if feedforward else (out_features, 1)
+        self.spatial = spatial
+        if spatial:  # PEFT's conv layout: (1, channels, 1, ...)
+            shape = (1, in_features if feedforward else out_features) + (1,) * spatial
+        else:
+            shape = (1, in_features) if feedforward else (out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape) if init else torch.randn(shape))
 
+    def _channels(self) -> torch.Tensor:
+        """``l`` shaped to broadcast over the channel axis: the last one for linear layers, the
+        one before the spatial axes for convolutions (batched or not)."""
+        return self.ia3_l.reshape((-1,) + (1,) * self.spatial)
+
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.ia3_l.reshape(-1)
+        return x * self._channels()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.feedforward:  # already applied to the input by the Site
             return y
-        return y * self.ia3_l.reshape(-1)
+        return y * self._channels()
 
-    def _scale(self, w2: torch.Tensor) -> torch.Tensor:
-        # (out, 1) scales rows of the (out, in) view, (1, in) scales its columns
-        return self.ia3_l.to(w2.dtype)
+    def _weight_scale(self, base: nn.Module) -> torch.Tensor:
+        """``l`` shaped to multiply ``base.weight`` in its native layout."""
+        w = base.weight
+        l = self.ia3_l.to(w.dtype)
+        if not self.spatial:  # (out, 1) scales rows of the (out, in) view, (1, in) its columns
+            return from_2d(l.expand_as(weight_2d(base)), base)
+        ones = (1,) * self.spatial
+        if not self.feedforward:
+            return l.reshape((-1, 1) + ones)
+        g, out, per_group = base.groups, w.shape[0], w.shape[1]
+        return l.reshape(g, 1, per_group).expand(g, out // g, per_group).reshape((out, per_group) + ones)
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
-        w2 = weight_2d(base)
-        base.weight.data.copy_(from_2d(w2 * self._scale(w2), base))
+        base.weight.data.mul_(self._weight_scale(base))
         if not self.feedforward and getattr(base, "bias", None) is not None:
             base.bias.data.mul_(self.ia3_l.reshape(-1).to(base.bias.dtype))
 
@@ -129,15 +158,14 @@ class IA3Delta(Delta):
         if (self.ia3_l == 0).any():
             raise ValueError("an (IA)^3 vector has exact zeros, so its merge cannot be divided out; "
                              "reload the base weights instead of unmerging.")
-        w2 = weight_2d(base)
-        base.weight.data.copy_(from_2d(w2 / self._scale(w2), base))
+        base.weight.data.div_(self._weight_scale(base))
         if not self.feedforward and getattr(base, "bias", None) is not None:
             base.bias.data.div_(self.ia3_l.reshape(-1).to(base.bias.dtype))
 
 
 @register_method
 class IA3Method(Method):
-    """(IA)^3 at Linear and Conv1D sites."""
+    """(IA)^3 at Linear, Conv1D, Conv2d and Conv3d sites."""
 
     name = "IA3"
     config_cls = IA3Config
@@ -153,12 +181,19 @@ class IA3Method(Method):
         return config
 
     def supported_sites(self):
-        return ["nn.Linear", "transformers Conv1D"]
+        return ["nn.Linear", "transformers Conv1D", "nn.Conv2d", "nn.Conv3d (grouped too)"]
 
     def make_delta(self, config: IA3Config, path: str, module: nn.Module, adapter_name: str) -> Delta:
+        feedforward = config.is_feedforward(path)
+        if isinstance(module, CONV_TYPES):
+            delta = IA3Delta(module.in_channels, module.out_channels, feedforward, config.init_ia3_weights,
+                             spatial=module.weight.dim() - 2)
+            return delta.to(adapter_dtype(module))
         dims = linear_dims(module)
         if dims is None:
-            raise UnsupportedSite(f"layer type {type(module).__name__} is not supported by (IA)^3.")
+            hint = (" Hugging Face PEFT 0.21 has no (IA)^3 for nn.Conv1d either; use LoRA, LoHa or LoKr there."
+                    if isinstance(module, nn.Conv1d) else "")
+            raise UnsupportedSite(f"layer type {type(module).__name__} is not supported by (IA)^3.{hint}")
         in_f, out_f, _ = dims
-        delta = IA3Delta(in_f, out_f, config.is_feedforward(path), config.init_ia3_weights)
+        delta = IA3Delta(in_f, out_f, feedforward, config.init_ia3_weights)
         return delta.to(adapter_dtype(module))

@@ -21,8 +21,18 @@ Initialisation (``init_weights=True``, as in PEFT): W1a, W1b, W2a Kaiming-unifor
 Training-time options shared with LoKr: ``rank_dropout`` zeroes whole output rows of ΔW (and
 rescales by the kept fraction), ``module_dropout`` skips the whole adapter for a step.
 Merging adds ΔW to the weight exactly. On disk: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``,
-``hada_w2_b`` as PEFT writes them. Sites: nn.Linear, GPT-2 Conv1D, nn.Conv1d, nn.Conv2d (the
-flattened-kernel form; PEFT's ``use_effective_conv2d`` CP form is refused with a clear error).
+``hada_w2_b`` as PEFT writes them. Sites: nn.Linear, GPT-2 Conv1D, nn.Conv1d, nn.Conv2d, grouped
+convolutions too (the weight is (out, in/groups, *kernel), so is ΔW), as in PEFT 0.21; nn.Conv3d
+is refused there and here.
+
+``use_effective_conv2d=True`` (convolutions with a kernel larger than 1; a 1-wide kernel keeps
+the flattened form, as in PEFT) builds each factor from a CP-style core instead (LyCORIS,
+after Kim et al. 2016, arXiv:1511.06530)::
+
+    W_i = T_i ×_1 A_i^T ×_2 B_i^T:   W_i[p, q, k, l] = Σ_{a, b} T_i[a, b, k, l] A_i[a, p] B_i[b, q]
+    ΔW  = s * W_1 ⊙ W_2            (out, in/groups, k1, k2)
+
+    hada_t1, hada_t2: r x r x k1 x k2 (k x 1 for Conv1d),  hada_w*_a: r x out,  hada_w*_b: r x in/groups
 """
 from __future__ import annotations
 
@@ -52,7 +62,7 @@ class LycorisConfig(PeftConfig):
         alpha: scale numerator; ΔW is multiplied by ``alpha / r``.
         rank_dropout: probability of zeroing an output row of ΔW in a training step.
         module_dropout: probability of skipping the adapter in a training step.
-        use_effective_conv2d: PEFT's CP-decomposed conv form (not implemented here: refused).
+        use_effective_conv2d: PEFT's CP-decomposed form for convolutions with kernels above 1.
         target_modules / exclude_modules: as in LoraConfig; None picks the family default.
         init_weights: True starts with ΔW = 0; False (tests) all factors random.
         layers_to_transform / layers_pattern: restrict to these layer indices.
@@ -135,44 +145,65 @@ class LycorisDelta(Delta):
 
 
 def check_site(module: nn.Module, config: LycorisConfig, method: str) -> None:
-    """Refuse layer types and options this implementation has no exact math for."""
-    if is_conv1d_gpt2(module) or isinstance(module, nn.Linear):
+    """Refuse layer types PEFT 0.21 has no LyCORIS layer for (its rule, so files agree)."""
+    if is_conv1d_gpt2(module) or isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
         return
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        if module.groups != 1:
-            raise UnsupportedSite(f"grouped convolution (groups={module.groups}) is not supported by {method}.")
-        if config.use_effective_conv2d and math.prod(module.kernel_size) > 1:
-            raise UnsupportedSite(f"use_effective_conv2d (the CP-decomposed kernel) is not implemented for "
-                                  f"{method}; set use_effective_conv2d=False.")
-        return
-    raise UnsupportedSite(f"layer type {type(module).__name__} is not supported by {method}.")
+    hint = (" Hugging Face PEFT 0.21 has no LoHa/LoKr for nn.Conv3d either; use LoRA or (IA)^3 there."
+            if isinstance(module, nn.Conv3d) else "")
+    raise UnsupportedSite(f"layer type {type(module).__name__} is not supported by {method}.{hint}")
+
+
+def effective_conv(module: nn.Module, config: LycorisConfig) -> bool:
+    """Whether ``use_effective_conv2d`` applies at ``module``: a convolution whose kernel is
+    larger than 1 (PEFT keeps 1x1 and 1-wide kernels in the flattened form)."""
+    return (bool(config.use_effective_conv2d) and isinstance(module, (nn.Conv1d, nn.Conv2d))
+            and math.prod(module.kernel_size) > 1)
+
+
+def cp_weight(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``W[p, q, k, l] = Σ core[i, j, k, l] a[i, p] b[j, q]``: a CP-style core (r x r x k1 x k2)
+    turned into a kernel (p x q x k1 x k2) by the factors a (r x p) and b (r x q)."""
+    return torch.einsum("ijkl,ip,jq->pqkl", core, a, b)
 
 
 class LoHaDelta(LycorisDelta):
     """LoHa at one layer: two rank-r pairs combined by a Hadamard product."""
 
-    peft_names = {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+    peft_names = {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}
 
-    def __init__(self, base: nn.Module, init: bool, **kw: Any):
+    def __init__(self, base: nn.Module, init: bool, effective: bool = False, **kw: Any):
         super().__init__(base, **kw)
         out, inn = weight_2d(base).shape
         r = self.r
-        self.hada_w1_a = nn.Parameter(torch.empty(out, r))
-        self.hada_w1_b = nn.Parameter(torch.empty(r, inn))
-        self.hada_w2_a = nn.Parameter(torch.empty(out, r))
-        self.hada_w2_b = nn.Parameter(torch.empty(r, inn))
-        for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b):
+        self.effective = effective
+        if effective:  # CP form: (r, out) / (r, in/groups) factors around an r x r x kernel core
+            kernel = tuple(base.weight.shape[2:]) + ((1,) if base.weight.dim() == 3 else ())
+            per_group = base.weight.shape[1]
+            self.hada_t1 = nn.Parameter(torch.empty(r, r, *kernel))
+            self.hada_t2 = nn.Parameter(torch.empty(r, r, *kernel))
+            shapes = ((r, out), (r, per_group))
+        else:
+            shapes = ((out, r), (r, inn))
+        self.hada_w1_a = nn.Parameter(torch.empty(shapes[0]))
+        self.hada_w1_b = nn.Parameter(torch.empty(shapes[1]))
+        self.hada_w2_a = nn.Parameter(torch.empty(shapes[0]))
+        self.hada_w2_b = nn.Parameter(torch.empty(shapes[1]))
+        for p in self.parameters():
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         if init:
             nn.init.zeros_(self.hada_w2_b)
 
     def weight_2d_delta(self) -> torch.Tensor:
+        if self.effective:
+            w1 = cp_weight(self.hada_t1, self.hada_w1_a, self.hada_w1_b)
+            w2 = cp_weight(self.hada_t2, self.hada_w2_a, self.hada_w2_b)
+            return (w1 * w2 * self.scaling).reshape(w1.shape[0], -1)
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
 
 
 @register_method
 class LoHaMethod(Method):
-    """LoHa at Linear, Conv1D, Conv1d and Conv2d sites."""
+    """LoHa at Linear, Conv1D, Conv1d and Conv2d sites (grouped convolutions too)."""
 
     name = "LOHA"
     config_cls = LoHaConfig
@@ -181,11 +212,11 @@ class LoHaMethod(Method):
         return with_default_targets(config, model, LORA_DEFAULT_TARGETS, "LoHa")
 
     def supported_sites(self):
-        return ["nn.Linear", "transformers Conv1D", "nn.Conv1d", "nn.Conv2d"]
+        return ["nn.Linear", "transformers Conv1D", "nn.Conv1d", "nn.Conv2d (grouped too)"]
 
     def make_delta(self, config: LoHaConfig, path: str, module: nn.Module, adapter_name: str) -> Delta:
         check_site(module, config, "LoHa")
         r, alpha = config.rank_and_alpha(path)
-        delta = LoHaDelta(module, bool(config.init_weights), r=r, alpha=alpha,
+        delta = LoHaDelta(module, bool(config.init_weights), effective=effective_conv(module, config), r=r, alpha=alpha,
                           rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)
         return delta.to(adapter_dtype(module))

@@ -20,7 +20,13 @@ folds into d), and::
 Initialisation (``init_weights=True``, as in PEFT): W1 (or W1a) = 0, the rest Kaiming-uniform, so
 ΔW = 0. ``"lycoris"``: W2 (or W2b) = 0 instead. False: all random (tests only).
 Merging adds ΔW exactly. On disk: ``lokr_w1`` / ``lokr_w1_a`` / ``lokr_w1_b`` / ``lokr_w2`` /
-``lokr_w2_a`` / ``lokr_w2_b`` as PEFT writes them.
+``lokr_w2_a`` / ``lokr_w2_b`` as PEFT writes them. Sites as LoHa's (grouped convolutions
+factor ``in/groups``).
+
+``use_effective_conv2d=True`` on a convolution with a kernel larger than 1, when W2 is low-rank,
+builds W2 from a CP-style core ``lokr_t2`` (r x r x k1 x k2; k x 1 for Conv1d) and
+``lokr_w2_a`` (r x b), ``lokr_w2_b`` (r x d): ``W2[p, q, k, l] = Σ t2[i, j, k, l] a[i, p] b[j, q]``,
+then ``ΔW = s * W1[:, :, None, None] ⊗ W2`` of shape (a*b, c*d, k1, k2), as PEFT does.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from ..core.method import Delta, Method
 from ..core.registry import register_method
 from ..targets import LORA_DEFAULT_TARGETS
 from ._shared import adapter_dtype, weight_2d, with_default_targets
-from .loha import LycorisConfig, LycorisDelta, check_site
+from .loha import LycorisConfig, LycorisDelta, check_site, cp_weight, effective_conv
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -83,9 +89,11 @@ class LoKrConfig(LycorisConfig):
 class LoKrDelta(LycorisDelta):
     """LoKr at one layer: a Kronecker product of two (optionally low-rank) factors."""
 
-    peft_names = {n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
+    peft_names = {n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                 "lokr_t2")}
 
-    def __init__(self, base: nn.Module, init: Any, decompose_both: bool, decompose_factor: int, **kw: Any):
+    def __init__(self, base: nn.Module, init: Any, decompose_both: bool, decompose_factor: int,
+                 effective: bool = False, **kw: Any):
         super().__init__(base, **kw)
         w = base.weight
         out_dim = weight_2d(base).shape[0]
@@ -100,7 +108,12 @@ class LoKrDelta(LycorisDelta):
             self.lokr_w1_b = nn.Parameter(torch.empty(r, c))
         else:
             self.lokr_w1 = nn.Parameter(torch.empty(a, c))
-        if r < max(b, d) / 2:
+        self.effective = effective and r < max(b, d) / 2  # PEFT: a full W2 wins over the CP form
+        if self.effective:
+            self.lokr_t2 = nn.Parameter(torch.empty(r, r, *(kernel + ((1,) if len(kernel) == 1 else ()))))
+            self.lokr_w2_a = nn.Parameter(torch.empty(r, b))
+            self.lokr_w2_b = nn.Parameter(torch.empty(r, d))
+        elif r < max(b, d) / 2:
             self.lokr_w2_a = nn.Parameter(torch.empty(b, r))
             self.lokr_w2_b = nn.Parameter(torch.empty(r, d * math.prod(kernel)))
         else:
@@ -120,6 +133,13 @@ class LoKrDelta(LycorisDelta):
         return w1, w2
 
     def weight_2d_delta(self) -> torch.Tensor:
+        if self.effective:  # (a, c) ⊗ (b, d, k1, k2) with W1 promoted to (a, c, 1, 1), as PEFT
+            # spelled as an outer product: torch.kron views its inputs and fails on einsum's strides
+            # for a k x 1 kernel (Conv1d), where PEFT 0.21.2 itself raises
+            w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
+            w2 = cp_weight(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
+            w = torch.einsum("ij,pq...->ipjq...", w1, w2)
+            return w.reshape(w1.shape[0] * w2.shape[0], -1) * self.scaling
         if hasattr(self, "lokr_w2") and self.lokr_w2.dim() == 3:
             # Conv1d with a full W2: PEFT takes kron(W1, W2) with W1 promoted to (1, a, c) and
             # reshapes the (b, a*d, c*k) result; following it keeps saved files meaning the same
@@ -133,7 +153,7 @@ class LoKrDelta(LycorisDelta):
 
 @register_method
 class LoKrMethod(Method):
-    """LoKr at Linear, Conv1D, Conv1d and Conv2d sites."""
+    """LoKr at Linear, Conv1D, Conv1d and Conv2d sites (grouped convolutions too)."""
 
     name = "LOKR"
     config_cls = LoKrConfig
@@ -142,12 +162,12 @@ class LoKrMethod(Method):
         return with_default_targets(config, model, LORA_DEFAULT_TARGETS, "LoKr")
 
     def supported_sites(self):
-        return ["nn.Linear", "transformers Conv1D", "nn.Conv1d", "nn.Conv2d"]
+        return ["nn.Linear", "transformers Conv1D", "nn.Conv1d", "nn.Conv2d (grouped too)"]
 
     def make_delta(self, config: LoKrConfig, path: str, module: nn.Module, adapter_name: str) -> Delta:
         check_site(module, config, "LoKr")
         r, alpha = config.rank_and_alpha(path)
         delta = LoKrDelta(module, config.init_weights, config.decompose_both, config.decompose_factor,
-                          r=r, alpha=alpha, rank_dropout=config.rank_dropout,
+                          effective=effective_conv(module, config), r=r, alpha=alpha, rank_dropout=config.rank_dropout,
                           module_dropout=config.module_dropout, rank_dropout_scale=config.rank_dropout_scale)
         return delta.to(adapter_dtype(module))
