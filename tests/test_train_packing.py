@@ -17,6 +17,7 @@ from peftkit.train.data import IGNORE, Collator
 from peftkit.train.loss import (causal_lm_loss_sum, chunk_rows, chunked_cross_entropy, frozen_linear_head,
                                 head_bypassed)
 from peftkit.train.packing import PackedCollator, packing_mismatch, plan_batches
+from peftkit.train.varlen import restore_attention, segment_bounds, use_packed_attention
 
 LENGTHS = (5, 17, 9, 30, 2)
 
@@ -33,9 +34,14 @@ def examples(lengths=LENGTHS, seed=1, vocab=128) -> list[dict]:
 
 
 def lora_model(attn="sdpa"):
-    """Tiny Llama with a LoRA whose B is not zero, so every adapter tensor gets a gradient."""
-    model = tiny_llama(attn_implementation=attn)
+    """Tiny Llama with a LoRA whose B is not zero, so every adapter tensor gets a gradient.
+
+    ``attn="varlen"``: SDPA switched to peftkit's per-example attention (peftkit/train/varlen.py).
+    """
+    model = tiny_llama(attn_implementation="sdpa" if attn == "varlen" else attn)
     pm = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    if attn == "varlen":
+        assert use_packed_attention(pm) == "sdpa"
     pm.train()
     return pm
 
@@ -84,7 +90,7 @@ def test_packed_collator_refuses_classification_examples():
         PackedCollator()([])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 def test_packed_loss_and_gradients_equal_one_by_one(attn):
     pm = lora_model(attn)
     exs = examples()
@@ -201,7 +207,40 @@ def test_plan_batches_packs_lora_and_not_prompt_methods():
     assert not cls.packed and cls.loss_head is None
 
 
-def _trained_adapter(collator, loss_head_on: bool, tmp_path, name):
+def test_segment_bounds_follow_transformers_packed_rule():
+    assert segment_bounds(torch.tensor([[0, 1, 2, 0, 1, 0]]), 6) == [0, 3, 5, 6]
+    assert segment_bounds(torch.tensor([[0, 1, 2, 3]]), 4) is None  # one example: plain causal
+    assert segment_bounds(torch.tensor([[0, 1], [0, 1]]), 2) is None  # a padded batch is not packed
+    assert segment_bounds(None, 3) is None
+
+
+def test_varlen_attention_leaves_padded_batches_and_generation_alone():
+    pm = lora_model("varlen")
+    exs = examples()
+    loss_alone, g_alone = one_by_one(pm, exs)  # no packing: transformers' SDPA path underneath
+    out = pm(**Collator(0)(exs), num_items_in_batch=targets(exs))
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(loss_alone, abs=1e-6)
+    assert_close_lists(grads_of(pm), g_alone)
+    pm.eval()
+    ids = torch.tensor([exs[3]["input_ids"][:10]])
+    with torch.no_grad():
+        varlen = pm.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        restore_attention(pm, "sdpa")
+        assert pm.get_base_model().config._attn_implementation == "sdpa"
+        plain = pm.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    assert varlen.tolist() == plain.tolist()
+
+
+def test_varlen_attention_only_replaces_plain_sdpa():
+    assert use_packed_attention(tiny_llama(attn_implementation="eager")) is None
+    windowed = tiny_llama()
+    windowed.config.sliding_window = 8
+    assert use_packed_attention(windowed) is None
+    assert windowed.config._attn_implementation == "sdpa"
+
+
+def _trained_adapter(collator, loss_head_on: bool, tmp_path, name, attn="sdpa"):
     from transformers import TrainingArguments
 
     from peftkit.train.data import EncodedDataset
@@ -209,7 +248,7 @@ def _trained_adapter(collator, loss_head_on: bool, tmp_path, name):
     from peftkit.train.loss import frozen_linear_head as head_of
 
     torch.manual_seed(0)
-    pm = lora_model()
+    pm = lora_model(attn)
     data = EncodedDataset(examples(lengths=(5, 17, 9, 30, 12, 3, 22, 8), seed=4))
     args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, report_to="none",
@@ -221,9 +260,10 @@ def _trained_adapter(collator, loss_head_on: bool, tmp_path, name):
     return {k: v.clone() for k, v in pm.get_adapter_state_dict().items()}, trainer.state.log_history
 
 
-def test_trainer_steps_packed_with_chunked_loss_equal_padded_steps(tmp_path):
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_trainer_steps_packed_with_chunked_loss_equal_padded_steps(tmp_path, attn):
     padded, log_p = _trained_adapter(Collator(0), False, tmp_path, "padded")
-    packed, log_k = _trained_adapter(PackedCollator(), True, tmp_path, "packed")
+    packed, log_k = _trained_adapter(PackedCollator(), True, tmp_path, "packed", attn)
     assert padded.keys() == packed.keys()
     for k in padded:
         torch.testing.assert_close(packed[k], padded[k], atol=1e-6, rtol=1e-5)
@@ -248,7 +288,9 @@ def test_peftkit_train_packs_by_default_and_not_with_no_packing(tmp_path):
             results[name] = json.load(fh)
         assert os.path.isfile(tmp_path / name / "adapter" / "adapter_model.safetensors")
     assert results["packed"]["batches"]["packed"] and results["packed"]["batches"]["loss_chunk_rows"]
-    assert results["padded"]["batches"] == {"packed": False, "group_by_length": False, "loss_chunk_rows": None}
+    assert results["packed"]["batches"]["packed_attention"]
+    assert results["padded"]["batches"] == {"packed": False, "group_by_length": False, "loss_chunk_rows": None,
+                                            "packed_attention": False}
     assert results["packed"]["train_loss"] == pytest.approx(results["padded"]["train_loss"], abs=1e-5)
 
 

@@ -209,7 +209,8 @@ def run(args) -> int:
             train_set, batch_size=args.batch_size, collate_fn=plan.collator), show_progress_bar=False)
         _log(f"EVA: ranks {peft_model.peft_config['default'].rank_pattern or 'unchanged'}")
     rows = (args.loss_chunk if getattr(args, "loss_chunk", -1) > 0 else chunk_rows(plan.loss_head.out_features)) if plan.loss_head else None
-    _log("batches: " + ("packed, padding-free" if plan.packed else "padded" + (", grouped by length" if plan.group_by_length else ""))
+    _log("batches: " + ("packed, padding-free" + (", attention example by example" if plan.attention_before else "")
+                        if plan.packed else "padded" + (", grouped by length" if plan.group_by_length else ""))
          + (f"; loss in chunks of {rows} tokens" if rows else ""))
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -245,6 +246,9 @@ def run(args) -> int:
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t_train
+    from .varlen import restore_attention
+
+    restore_attention(peft_model, plan.attention_before)  # evaluation and generation as the model came
 
     digests = [adapter_digest(peft_model)]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -266,7 +270,8 @@ def run(args) -> int:
     metrics = {
         "before": before, "after": after, "train_loss": result.training_loss,
         "steps": trainer.state.global_step, "train_seconds": round(train_s, 1),
-        "batches": {"packed": plan.packed, "group_by_length": plan.group_by_length, "loss_chunk_rows": rows},
+        "batches": {"packed": plan.packed, "group_by_length": plan.group_by_length, "loss_chunk_rows": rows,
+                    "packed_attention": bool(plan.attention_before)},
         "total_seconds": round(time.time() - t0, 1), "trainable_params": trainable, "total_params": total,
         "adapter_mb": round(_folder_mb(adapter_dir), 3), "world_size": len(digests), "rank_digests": digests,
         "ranks_agree": len(set(digests)) == 1, "log_history": trainer.state.log_history,

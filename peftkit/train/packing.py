@@ -9,7 +9,9 @@ batch's examples end to end into a single row of ``sum(lengths)`` tokens, with
 - no ``attention_mask``: transformers (>= 4.44, here 5.x ``masking_utils``) then detects the
   packed layout from the restarting ``position_ids`` (``find_packed_sequence_indices``) and
   builds a block-diagonal causal mask for SDPA/eager/flex attention (flash-attention uses the
-  same positions for its varlen kernel), so no token attends across an example boundary;
+  same positions for its varlen kernel), so no token attends across an example boundary.
+  ``peftkit train`` goes one step further for SDPA models and runs attention example by
+  example (:mod:`peftkit.train.varlen`), without the dense ``(T, T)`` mask;
 - the first label of every example set to -100, so the last token of one example is never
   trained to predict the first token of the next (alone, an example's first token is never a
   target either).
@@ -112,12 +114,15 @@ class BatchPlan:
     group_by_length: bool
     loss_head: object = None
     notes: tuple = ()
+    attention_before: Optional[str] = None  # set when packed rows use varlen.packed_attention
 
 
 def plan_batches(peft_model, train_set, pad_id: int, causal: bool, packing: bool = True,
                  group_by_length: bool = False, loss_chunk: int = -1, deepspeed: bool = False) -> BatchPlan:
     """Choose packing (when exact on this model), else padding (length-grouped as the fallback), and the chunked loss.
 
+    Packed rows of an SDPA model run :mod:`peftkit.train.varlen`'s per-example attention (the
+    model's ``_attn_implementation`` is switched; ``attention_before`` holds the old value).
     Packing is probed on the first two training examples (:func:`packing_mismatch`); when it is
     not exact the plan pads instead, grouping by length, and says why in ``notes``. The chunked
     loss needs a causal LM whose head is a frozen ``nn.Linear``, an adapter that does not
@@ -126,8 +131,10 @@ def plan_batches(peft_model, train_set, pad_id: int, causal: bool, packing: bool
     from ..core.prompt import PromptHost
     from .data import Collator
     from .loss import frozen_linear_head
+    from .varlen import restore_attention, use_packed_attention
 
     notes = []
+    attention_before = None
     prompt = isinstance(getattr(peft_model, "base_model", None), PromptHost)
     packed = False
     if packing and causal:
@@ -136,11 +143,13 @@ def plan_batches(peft_model, train_set, pad_id: int, causal: bool, packing: bool
         elif len(train_set) < 2:
             notes.append("packing off: fewer than two training examples")
         else:
+            previous = use_packed_attention(peft_model)  # per-example SDPA where the model uses SDPA
             probe = [train_set[i]["input_ids"][:32] for i in range(2)]
             why = packing_mismatch(peft_model, probe)
             if why is None:
-                packed = True
+                packed, attention_before = True, previous
             else:
+                restore_attention(peft_model, previous)
                 notes.append(f"packing off: {why}; padded batches, grouped by length instead")
         group_by_length = group_by_length or not packed
     head = None
@@ -150,4 +159,4 @@ def plan_batches(peft_model, train_set, pad_id: int, causal: bool, packing: bool
         if head is None:
             notes.append("chunked loss off: the output head is trained or not a plain nn.Linear; plain loss")
     collator = PackedCollator() if packed else Collator(pad_id)
-    return BatchPlan(collator, packed, group_by_length and not packed, head, tuple(notes))
+    return BatchPlan(collator, packed, group_by_length and not packed, head, tuple(notes), attention_before)
