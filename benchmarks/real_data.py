@@ -18,7 +18,8 @@ Reported per side: training time (``Trainer.train``), real tokens per second (to
 examples, not padding), peak RSS during training (VmHWM reset just before ``train``; the
 model's weights are included), and the held-out loss, per target token, computed by the same
 function (``peftkit.train.evaluate.loss_and_accuracy``) after training. Results go to
-``benchmarks/results/real_data.json``. The data is read from the shared folder, never copied
+``benchmarks/results/real_data.json``. ``--loss-memory TOKENS`` instead measures the loss
+alone: peak memory of the plain and the chunked loss at SmolLM2's head size. The data is read from the shared folder, never copied
 into the project (the JSON Lines the CLI reads are written to a temporary folder).
 """
 from __future__ import annotations
@@ -152,6 +153,30 @@ def worker_peftkit(args, train_path: str, eval_path: str) -> dict:
             "threads": args.threads, "argv": argv}
 
 
+def loss_peak(variant: str, tokens: int, vocab: int = 49152, dim: int = 576) -> dict:
+    """Peak RSS above the inputs of one loss forward+backward at SmolLM2's head size, and its time."""
+    import torch
+    import torch.nn.functional as F
+
+    from peftkit.train.loss import chunked_cross_entropy
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(vocab, dim, generator=g) * 0.02
+    h = torch.randn(tokens, dim, generator=g).requires_grad_()
+    y = torch.randint(0, vocab, (tokens,), generator=g)
+    common.reset_peak()
+    base = common.peak_mib()
+    t = time.perf_counter()
+    if variant == "plain":
+        loss = F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
+    else:
+        loss = chunked_cross_entropy(h, w, None, y)
+    loss.backward()
+    return {"variant": variant, "tokens": tokens, "loss": loss.item(), "seconds": time.perf_counter() - t,
+            "peak_above_inputs_mib": common.peak_mib() - base}
+
+
 def run_worker(side: str, args) -> dict:
     """Run one side in a fresh process; returns its result dict with the others' CPU share."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--data", args.data,
@@ -188,9 +213,23 @@ def main() -> None:
     p.add_argument("--peftkit-arg", dest="peftkit_args", action="append", default=[],
                    help="extra argument for peftkit train (repeatable), e.g. --peftkit-arg=--no-packing")
     p.add_argument("--out", default=os.path.join(HERE, "results", "real_data.json"))
-    p.add_argument("--worker", choices=["peft", "peftkit"], help=argparse.SUPPRESS)
+    p.add_argument("--loss-memory", type=int, metavar="TOKENS",
+                   help="instead: peak memory of the plain vs the chunked loss (forward+backward) for TOKENS "
+                        "target tokens at SmolLM2's head size (49152 x 576), each in a fresh process")
+    p.add_argument("--worker", choices=["peft", "peftkit", "plain", "chunked"], help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker in ("plain", "chunked"):
+        print("RESULT " + json.dumps(loss_peak(args.worker, args.loss_memory)), flush=True)
+        return
+    if args.loss_memory:
+        for variant in ("plain", "chunked"):
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", variant,
+                                  "--loss-memory", str(args.loss_memory)], capture_output=True, text=True, check=True)
+            r = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+            print(f"{variant}: {r['tokens']} tokens, loss {r['loss']:.3f}, peak {r['peak_above_inputs_mib']:.0f} MiB "
+                  f"above the inputs, {r['seconds']:.2f} s")
+        return
     if args.worker:
         train_path, eval_path = os.path.join(args.tmp, "train.jsonl"), os.path.join(args.tmp, "eval.jsonl")
         fn = worker_peft if args.worker == "peft" else worker_peftkit
@@ -209,6 +248,20 @@ def main() -> None:
             print(f"  {side}: train {r['train_seconds']:.1f} s, {r['real_tokens'] / r['train_seconds']:.0f} real tokens/s, "
                   f"training peak RSS {r['train_peak_mib']:.0f} MiB, held-out loss {r['eval_loss']:.4f} "
                   f"(before {r['eval_loss_before']:.4f}), others' CPU {r['others_cpu_share']:.0%}", flush=True)
+    out = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
+    if set(results) == {"peft", "peftkit"}:
+        out["summary"] = summarise(results)
+        print(json.dumps(out["summary"], indent=2))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp_out = args.out + ".tmp"
+    with open(tmp_out, "w") as fh:
+        json.dump(out, fh, indent=2)
+    os.replace(tmp_out, args.out)
+
+
+def summarise(results: dict) -> dict:
+    """Ratios and the issue's targets from both sides' results."""
     a, b = results["peftkit"], results["peft"]
     summary = {
         "time_ratio_peftkit_over_peft": a["train_seconds"] / b["train_seconds"],
@@ -221,14 +274,7 @@ def main() -> None:
     summary["targets_met"] = {"time<=0.5x": summary["time_ratio_peftkit_over_peft"] <= 0.5,
                               "loss<=peft+0.02": summary["eval_loss_delta_peftkit_minus_peft"] <= 0.02,
                               "peak lower": a["train_peak_mib"] < b["train_peak_mib"]}
-    out = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "results": results, "summary": summary}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp_out = args.out + ".tmp"
-    with open(tmp_out, "w") as fh:
-        json.dump(out, fh, indent=2)
-    os.replace(tmp_out, args.out)
-    print(json.dumps(summary, indent=2))
+    return summary
 
 
 if __name__ == "__main__":
