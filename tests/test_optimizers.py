@@ -143,3 +143,15 @@ def test_lorafa_refuses_other_methods():
     with pytest.raises(ConfigError, match="LoRA"):
         build_optimizer("lorafa", pm, 1e-3)
     assert build_optimizer("adamw", pm, 1e-3) is None
+
+
+def test_train_refuses_lora_optimizers_for_other_methods_before_loading():
+    from peftkit.cli import build_parser
+    from peftkit.config import ConfigError
+    from peftkit.train.options import parse_train_args
+
+    parser, sub = build_parser()
+    with pytest.raises(ConfigError, match="made for LoRA"):
+        parse_train_args(parser, sub.choices["train"], ["train", "--method", "ia3", "--optim", "lorafa"])
+    args = parse_train_args(parser, sub.choices["train"], ["train", "--optim", "loraplus", "--loraplus-ratio", "4"])
+    assert args.trainer_optim == "adamw_torch_fused" and args.loraplus_ratio == 4.0

@@ -139,9 +139,12 @@ def parse_train_args(parser: argparse.ArgumentParser, sub: argparse.ArgumentPars
 def _checked(args: argparse.Namespace) -> argparse.Namespace:
     """Refuse, before any model is loaded, an ``--optim`` this machine cannot run (a config file's
     value skips argparse's choices); ``args.trainer_optim`` is Trainer's name for it."""
-    from .optim import check_optim
+    from .optim import OWN_OPTIMIZERS, check_optim
 
     args.trainer_optim = check_optim(args.optim)
+    if args.optim in OWN_OPTIMIZERS and str(getattr(args, "method", "lora")).lower() != "lora":
+        raise ConfigError(f"--optim {args.optim} is made for LoRA (--method lora), not --method {args.method}; "
+                          "use --optim adamw.")
     return args
 
 
