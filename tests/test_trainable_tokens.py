@@ -219,3 +219,25 @@ def test_two_adapters_in_one_mixed_batch():
     torch.testing.assert_close(mixed[0], alone["other"][0])
     torch.testing.assert_close(mixed[1], plain[1])
     assert (alone["other"][0] - alone["default"][0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gpt2_wte_and_its_tied_head_both_ways(lora, tmp_path):
+    """GPT-2's input embedding is transformer.wte, tied to lm_head."""
+    from conftest import tiny_gpt2
+
+    make = (lambda L: L.LoraConfig(target_modules=["c_attn"], trainable_token_indices=[3, 5, 9])) if lora else (
+        lambda L: L.TrainableTokensConfig(token_indices=[3, 5, 9]))
+    pm = peft.get_peft_model(tiny_gpt2(), make(peft))
+    perturb(pm, 1)
+    pm.eval()
+    batch = inputs_for(pm)
+    batch["input_ids"][0, :3] = torch.tensor([3, 5, 9])
+    ref = output_of(pm, batch)
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    ours = PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "theirs")).eval()
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(output_of(back, batch), ref, atol=1e-5, rtol=1e-5)
+    assert _keys(tmp_path / "ours") == _keys(tmp_path / "theirs")
