@@ -37,6 +37,68 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+#: subcommand -> (import name, what it is for) of the optional packages it needs, all from the extra
+#: ``peftkit[train]``; checked before the command does any work (``peftkit serve`` checks its own)
+EXTRA_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "train": (("accelerate", "transformers' Trainer"), ("matplotlib", "the loss plot")),
+    "export": (("gguf", "writing GGUF files"),),
+}
+#: what ``--model`` / ``--config`` values need, whatever the command
+_GGUF = ("gguf", "reading the default model and other .gguf files")
+_YAML = ("yaml", "reading a YAML --config file")
+
+
+class MissingExtraError(ImportError):
+    """An optional package the command needs is not installed; the message names the extra."""
+
+
+def _option(argv: list[str], name: str) -> Optional[str]:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def check_extras(command: str, argv: list[str]) -> None:
+    """Raise :class:`MissingExtraError` when ``command`` with ``argv`` needs a package that is missing.
+
+    ``train`` (whose default model is a GGUF file) and ``generate``, ``eval``, ``merge`` with
+    ``--model`` naming a ``.gguf`` file or ``smollm2`` need ``gguf``, unless the default model's
+    conversion is cached already.
+    """
+    import importlib.util
+
+    needs = list(EXTRA_NEEDS.get(command, ()))
+    model = _option(argv, "--model")
+    default = command == "train" and model is None  # the others default to the adapter's recorded base
+    if default or command in ("train", "generate", "eval", "merge") and model and (model.endswith(".gguf")
+                                                                                 or model == "smollm2"):
+        if not _cached_default(model):
+            needs.append(_GGUF)
+    config = _option(argv, "--config") or ""
+    if config.endswith((".yaml", ".yml")):
+        needs.append(_YAML)
+    missing = [(mod, why) for mod, why in needs if importlib.util.find_spec(mod) is None]
+    if missing:
+        names = ", ".join(f"{mod} ({why})" for mod, why in missing)
+        raise MissingExtraError(f"peftkit {command} needs {names}, not installed. Install the extra: "
+                                "pip install 'peftkit[train]'")
+
+
+def _cached_default(model: Optional[str]) -> bool:
+    """Whether the model is the default one and its conversion is cached (then gguf is not needed)."""
+    if model not in (None, "smollm2"):
+        return False
+    from . import models
+
+    try:
+        return models.cached_conversion(models.default_gguf()) is not None
+    except models.ModelLoadError:
+        return False  # not installed: resolve() says so with its own message
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The top-level parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from the command line.")
@@ -67,8 +129,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv = ["train"] + argv
     args = parser.parse_args(argv)
     parse = getattr(args, "parse", None)
-    errors = _user_errors()
+    errors = _user_errors() + (MissingExtraError,)
     try:
+        check_extras(args.command, argv)
         if parse is not None:
             args = parse(parser, sub.choices[args.command], argv)
         code = args.func(args)

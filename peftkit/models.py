@@ -48,11 +48,36 @@ def default_gguf() -> str:
     return os.path.join(folder, files[0])
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> digest, within one process
+
+
+def gguf_digest(gguf_path: str) -> str:
+    """The first 16 hex digits of the file's SHA-256 (about 0.3 s per 100 MB; once per process)."""
+    import hashlib
+
+    st = os.stat(gguf_path)
+    key = (os.path.abspath(gguf_path), st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    h = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
 def _cached_folder(gguf_path: str) -> str:
-    stat = os.stat(gguf_path)
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
-    # size and mtime in the name: a different file at the same path is converted again
-    return os.path.join(cache_dir(), "models", f"{stem}-{stat.st_size}-{int(stat.st_mtime)}")
+    # keyed on the content: a reinstall of the same package (new mtime) finds the conversion it
+    # made before, and a different file at the same path is converted again
+    return os.path.join(cache_dir(), "models", f"{stem}-{gguf_digest(gguf_path)}")
+
+
+def cached_conversion(gguf_path: str) -> Optional[str]:
+    """The cached safetensors folder converted from ``gguf_path``, or None if there is none yet."""
+    out = _cached_folder(gguf_path)
+    return out if os.path.isfile(os.path.join(out, "config.json")) else None
 
 
 def convert_gguf(gguf_path: str, log=print) -> str:
@@ -63,7 +88,8 @@ def convert_gguf(gguf_path: str, log=print) -> str:
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError:
-        raise ModelLoadError("Reading GGUF files needs the 'gguf' package: pip install gguf") from None
+        raise ModelLoadError("Reading GGUF files (the default model too) needs the 'gguf' package: "
+                             "pip install 'peftkit[train]'") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"Converting {os.path.basename(gguf_path)} to safetensors once (cached in {out}) ...")

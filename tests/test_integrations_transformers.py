@@ -215,3 +215,54 @@ def test_other_models_and_disable_are_untouched(tmp_path):
     assert Trainer._save is patched
     peftkit.integrations.disable()
     assert not integ.enabled() and Trainer._save is not patched and "peftkit" not in Trainer._save.__module__
+
+
+DDP_SCRIPT = r'''
+import hashlib, json, os, sys
+import torch
+import peftkit.integrations
+from test_integrations_transformers import adapter_tensors, lora_model, tiny_tokenizer, trainer_for
+
+peftkit.integrations.enable()
+out = sys.argv[1]
+model = lora_model()
+trainer = trainer_for(model, out, tiny_tokenizer())  # 6 steps, a checkpoint every 3
+trainer.train(resume_from_checkpoint=sys.argv[2] if len(sys.argv) > 2 else None)
+trainer.save_model(os.path.join(out, "final"))
+h = hashlib.sha256()
+for k, v in sorted(adapter_tensors(model).items()):
+    h.update(k.encode() + v.numpy().tobytes())
+rank = int(os.environ.get("RANK", 0))
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"digest": h.hexdigest(), "world": int(os.environ.get("WORLD_SIZE", 1)),
+               "steps": trainer.state.global_step}, f)
+'''
+
+
+def _launch(launcher, tmp_path, out, *extra):
+    """Run DDP_SCRIPT in 2 processes (gloo on CPU) and return each rank's record."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_script.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(cmd + [str(script), str(out), *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_save_and_resume(tmp_path):
+    launcher = "torchrun"
+    out = tmp_path / "run"
+    ranks = _launch(launcher, tmp_path, out)
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["digest"] == ranks[1]["digest"]  # DDP kept them equal
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(out / "final"))
+    assert "model.safetensors" not in os.listdir(out / "final")
+    assert {"optimizer.pt", "adapter_model.safetensors"} <= set(os.listdir(out / "checkpoint-3"))
+    again = _launch(launcher, tmp_path, tmp_path / "resumed", str(out / "checkpoint-3"))
+    assert [r["steps"] for r in again] == [6, 6]
+    assert again[0]["digest"] == ranks[0]["digest"]  # resumed under DDP: the same adapter as uninterrupted

@@ -122,6 +122,16 @@ def _evaluate(peft_model, tokenizer, args, eval_set, eval_recs, fmt, use_adapter
     return out
 
 
+def _plot(plot_losses, log_history, path: str, method: str):
+    """The loss curve, written last: a failure (no matplotlib, a full disk) is a warning, never a lost run."""
+    try:
+        return plot_losses(log_history, path, title=f"peftkit train ({method})")
+    except Exception as e:  # the adapter and metrics.json are already written
+        _log(f"warning: loss.png not written ({type(e).__name__}: {e}); the adapter and metrics.json are. "
+             "For the plot: pip install 'peftkit[train]'")
+        return None
+
+
 def _headline(metrics: dict) -> str:
     for key in ("exact_match", "eval_accuracy"):
         if key in metrics:
@@ -265,8 +275,6 @@ def run(args) -> int:
     atomic_write_text(os.path.join(adapter_dir, META_NAME), json.dumps(meta, indent=2) + "\n")
     tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
     after = _evaluate(peft_model, tokenizer, args, eval_set, eval_recs, fmt, use_adapter=True) if eval_recs else {}
-    png = plot_losses(trainer.state.log_history, os.path.join(out_dir, "loss.png"),
-                      title=f"peftkit train ({args.method})")
     metrics = {
         "before": before, "after": after, "train_loss": result.training_loss,
         "steps": trainer.state.global_step, "train_seconds": round(train_s, 1),
@@ -277,6 +285,7 @@ def run(args) -> int:
         "ranks_agree": len(set(digests)) == 1, "log_history": trainer.state.log_history,
     }
     atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2, default=str) + "\n")
+    png = _plot(plot_losses, trainer.state.log_history, os.path.join(out_dir, "loss.png"), args.method)
     _log("\n=== summary ===")
     _log(f"{_headline(before) if before else 'before: (resumed run, not measured)'} -> {_headline(after)}"
          if after else "no held-out data: pass --eval-data or --eval-fraction to measure")
