@@ -27,8 +27,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
-
 BASE_NAME = "base"  # the `model` field that selects no adapter
 SCHEDULERS = ("continuous", "static")
 
@@ -139,13 +137,13 @@ class Engine:
 
     # ----- the model ------------------------------------------------------------------
     def _probe_model(self) -> None:
+        import inspect
+
         from . import kvcache
 
         target = self.forward_target()
         self.device = next(self.model.parameters()).device
         self.cache_kwarg = kvcache.cache_kwarg(target)
-        import inspect
-
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(target.forward).parameters
 
     def forward_target(self):
