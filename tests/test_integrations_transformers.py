@@ -248,15 +248,20 @@ def _launch(launcher, tmp_path, out, *extra):
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:  # accelerate's multi-process launcher; with no GPU visible it runs on the CPU (gloo)
+        port = str(29500 + os.getpid() % 1000)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no"]
     done = subprocess.run(cmd + [str(script), str(out), *extra], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_save_and_resume(tmp_path):
-    launcher = "torchrun"
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_train_save_and_resume(tmp_path, launcher):
     out = tmp_path / "run"
     ranks = _launch(launcher, tmp_path, out)
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["digest"] == ranks[1]["digest"]  # DDP kept them equal
