@@ -71,9 +71,10 @@ def _peak_during_train(trainer_cls, into: dict) -> None:
     def train(self, *a, **k):
         into["peak_before_train_mib"] = common.peak_mib()
         common.reset_peak()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         out = original(self, *a, **k)
         into["train_seconds"] = time.perf_counter() - t
+        into["train_cpu_seconds"] = time.process_time() - cpu  # less sensitive to other processes
         into["train_peak_mib"] = common.peak_mib()
         return out
 
@@ -177,6 +178,73 @@ def loss_peak(variant: str, tokens: int, vocab: int = 49152, dim: int = 576) -> 
             "peak_above_inputs_mib": common.peak_mib() - base}
 
 
+def step_rounds(args) -> dict:
+    """Interleaved forward+backward of the same random batches: peft padded vs peftkit packed.
+
+    Each round draws 8 training examples, times PEFT's padded step and peftkit's step (packed
+    row, per-example attention, chunked loss) in alternating order, one model copy each, and the
+    ratio per round is reported as median (min-max): robust to the machine's load changing
+    between the two whole-epoch runs.
+    """
+    import random
+    import statistics
+
+    import peft
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from peftkit import LoraConfig, get_peft_model, models
+    from peftkit.train import data as D
+    from peftkit.train.loss import causal_lm_loss_sum, frozen_linear_head, head_bypassed
+    from peftkit.train.packing import PackedCollator
+    from peftkit.train.varlen import use_packed_attention
+
+    torch.set_num_threads(args.threads)
+    path = models.resolve(None, log=lambda *_: None)
+    tok = models.load_tokenizer(path)
+    train, _ = chat_records(args.data, args.train, args.eval)
+    ds, _ = D.build_dataset(train, "chat", tok, args.max_length)
+    theirs = peft.get_peft_model(models.load_model(path, "causal"), peft.LoraConfig(
+        r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ours = get_peft_model(models.load_model(path, "causal"), LoraConfig(r=args.r, lora_alpha=2 * args.r,
+                                                                       target_modules="all-linear"))
+    assert use_packed_attention(ours) == "sdpa"
+    head = frozen_linear_head(ours.get_base_model())
+    theirs.train(), ours.train()
+    pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    rng = random.Random(args.seed)
+
+    def peft_step(exs):
+        batch = pad([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in exs])
+        theirs(**batch).loss.backward()
+        theirs.zero_grad(set_to_none=True)
+
+    def peftkit_step(exs):
+        batch = PackedCollator()(exs)
+        labels = batch.pop("labels")
+        with head_bypassed(ours, head):
+            hidden = ours(**batch).logits
+        total, count = causal_lm_loss_sum(hidden, labels, head)
+        (total / count).backward()
+        ours.zero_grad(set_to_none=True)
+
+    times = {"peft": [], "peftkit": []}
+    for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
+        exs = [ds[i] for i in rng.sample(range(len(ds)), args.batch)]
+        order = [("peft", peft_step), ("peftkit", peftkit_step)][:: 1 if r % 2 else -1]
+        for name, fn in order:
+            t = time.perf_counter()
+            fn(exs)
+            if r:
+                times[name].append(time.perf_counter() - t)
+        if r:
+            print(f"  round {r}: peft {times['peft'][-1]:.2f} s, peftkit {times['peftkit'][-1]:.2f} s", flush=True)
+    ratios = [a / b for a, b in zip(times["peftkit"], times["peft"])]
+    return {"rounds": args.rounds, "peftkit_over_peft_median": statistics.median(ratios),
+            "min": min(ratios), "max": max(ratios), "total_peft_s": sum(times["peft"]),
+            "total_peftkit_s": sum(times["peftkit"])}
+
+
 def run_worker(side: str, args) -> dict:
     """Run one side in a fresh process; returns its result dict with the others' CPU share."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--data", args.data,
@@ -185,11 +253,18 @@ def run_worker(side: str, args) -> dict:
            "--lr", str(args.lr), "--seed", str(args.seed)]
     for extra in args.peftkit_args:
         cmd.append(f"--peftkit-arg={extra}")
-    share = common.CpuShare().start()
+    import resource
+
+    def child_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    share, cpu0 = common.CpuShare().start(), child_cpu()
     t = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t
-    others = share.stop()
+    # CpuShare counts every process but this one, the worker included: take the worker's CPU out
+    others = max(0.0, share.stop() - (child_cpu() - cpu0) / (wall * os.cpu_count()))
     if proc.returncode:
         raise SystemExit(f"{side} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -216,11 +291,20 @@ def main() -> None:
     p.add_argument("--loss-memory", type=int, metavar="TOKENS",
                    help="instead: peak memory of the plain vs the chunked loss (forward+backward) for TOKENS "
                         "target tokens at SmolLM2's head size (49152 x 576), each in a fresh process")
+    p.add_argument("--steps", type=int, dest="rounds", metavar="ROUNDS",
+                   help="instead: ROUNDS interleaved forward+backward steps, peft padded vs peftkit packed, "
+                        "in one process (see step_rounds)")
     p.add_argument("--worker", choices=["peft", "peftkit", "plain", "chunked"], help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker in ("plain", "chunked"):
         print("RESULT " + json.dumps(loss_peak(args.worker, args.loss_memory)), flush=True)
+        return
+    if args.rounds:
+        share = common.CpuShare().start()
+        res = step_rounds(args)
+        res["others_cpu_share"] = share.stop()
+        print(json.dumps(res, indent=2))
         return
     if args.loss_memory:
         for variant in ("plain", "chunked"):
