@@ -41,6 +41,10 @@ class LoraConfig(PeftConfig):
             ``init_lora_weights="loftq"`` (methods/lora/loftq.py).
         eva_config: ``EvaConfig(...)`` with ``init_lora_weights="eva"``; the weights come from
             ``initialize_lora_eva_weights(model, dataloader)`` (methods/lora/eva.py).
+        target_parameters: names (or dotted suffixes) of bare parameters to adapt, such as the
+            fused 3-D expert weights of MoE layers (``["experts.gate_up_proj", "experts.down_proj"]``);
+            one update per expert (methods/lora/params.py). Not with lora_dropout, fan_in_fan_out,
+            lora_bias or DoRA (as in PEFT).
     """
 
     r: int = 8
@@ -62,12 +66,13 @@ class LoraConfig(PeftConfig):
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
     loftq_config: Any = dataclasses.field(default_factory=dict)
     eva_config: Any = None
+    target_parameters: Optional[list[str]] = None
 
     _inert_fields: ClassVar[dict[str, Any]] = {
         **PeftConfig._inert_fields,
         "megatron_config": None, "megatron_core": Any, "layer_replication": None,
         "corda_config": None, "runtime_config": Any,
-        "target_parameters": None, "alora_invocation_tokens": None,
+        "alora_invocation_tokens": None,
         "arrow_config": None, "use_qalora": False, "qalora_group_size": Any, "ensure_weight_tying": False,
         "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "use_bdlora": None,
         "velora_config": None,
@@ -99,11 +104,24 @@ class LoraConfig(PeftConfig):
         if self.lora_bias and self.use_dora:
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         self._sub_configs()
+        self._check_target_parameters()
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("LoraConfig.layers_pattern needs layers_to_transform to be set too.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("layers_to_transform cannot be combined with a regex target_modules; "
                               "put the layer indices in the regex instead.")
+
+    def _check_target_parameters(self) -> None:
+        """A list of names; the options PEFT's parameter wrapper refuses are refused here, early."""
+        tp = self.target_parameters
+        if isinstance(tp, str):
+            raise ConfigError(f"LoraConfig.target_parameters must be a list of parameter names, got the string {tp!r}; "
+                              f"write [{tp!r}] (regexes are not supported, as in PEFT).")
+        if isinstance(tp, (set, tuple)):
+            self.target_parameters = tp = sorted(tp)
+        if tp and (bad := [k for k in ("lora_dropout", "fan_in_fan_out", "lora_bias", "use_dora") if getattr(self, k)]):
+            raise ConfigError(f"LoraConfig.target_parameters does not work with {bad[0]}={getattr(self, bad[0])!r} "
+                              "(the update acts on the weights, as in Hugging Face PEFT); leave it at its default.")
 
     def _sub_configs(self) -> None:
         """LoftQ / EVA / trainable-token settings, checked and normalised as PEFT does: the LoftQ

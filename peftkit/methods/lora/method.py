@@ -14,6 +14,7 @@ from .._shared import adapter_dtype, is_conv1d_gpt2, with_default_targets
 from .config import LoraConfig
 from .delta import LoraConv, LoraEmbedding, LoraLinear
 from .mha import LoraMultiheadAttention
+from .params import LoraParameters, link_sites, targeted_parameters
 from .init import initialise, plain_lora_state
 
 
@@ -26,14 +27,23 @@ class LoraMethod(Method):
     key_roots = ("token_adapter",)  # trainable_token_indices' rows: <embedding>.token_adapter.trainable_tokens_delta
 
     def prepare(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
+        if config.target_modules is None and config.target_parameters:  # PEFT: parameters only
+            return config
         return with_default_targets(config, model, LORA_DEFAULT_TARGETS, "LoRA")
+
+    def is_target(self, config: LoraConfig, path: str, module: nn.Module, model: nn.Module) -> bool:
+        """A module selected by ``target_modules``, or the owner of a ``target_parameters`` entry."""
+        return super().is_target(config, path, module, model) or bool(targeted_parameters(config, path, module))
 
     def supported_sites(self):
         return ["nn.Linear", "transformers Conv1D", "nn.Embedding", "nn.Conv1d", "nn.Conv2d", "nn.Conv3d",
-                "nn.MultiheadAttention"]
+                "nn.MultiheadAttention",
+                "2-D/3-D nn.Parameter via target_parameters (MoE experts)"]
 
     def make_delta(self, config: LoraConfig, path: str, module: nn.Module, adapter_name: str):
         r, alpha = config.rank_and_alpha(path)
+        if config.target_parameters and (names := targeted_parameters(config, path, module)):
+            return _parameters_delta(config, path, module, names, r, alpha)
         kw = dict(r=r, alpha=alpha, dropout=float(config.lora_dropout), use_rslora=config.use_rslora,
                   use_dora=config.use_dora)
         bias = bool(getattr(config, "lora_bias", False))
@@ -82,6 +92,8 @@ class LoraMethod(Method):
         return delta
 
     def after_inject(self, host, config: LoraConfig, adapter_name: str) -> None:
+        if config.target_parameters:  # several active adapters on one owner add up (params.py)
+            link_sites(host, adapter_name)
         if config.trainable_token_indices is not None:  # chosen embedding rows (methods/trainable_tokens.py)
             from ..trainable_tokens import attach_token_rows
 
@@ -128,6 +140,23 @@ def _attention_delta(config: LoraConfig, module: nn.MultiheadAttention, bias: bo
     delta.to(dtype=adapter_dtype(module.out_proj))
     initialise(delta.in_proj, config.init_lora_weights, module, config)
     initialise(delta.out_proj, config.init_lora_weights, module.out_proj, config)
+    return delta
+
+
+def _parameters_delta(config: LoraConfig, path: str, module: nn.Module, names: list[str], r: int, alpha: float):
+    """The Delta for the owner of targeted parameters (params.py), with PEFT's restrictions."""
+    from ...core.inject import matches_targets
+
+    if matches_targets(config, path, module, module):
+        raise ValueError(f"{path} is selected by target_modules and owns target_parameters {names}; a module "
+                         "can be adapted one way only. Narrow target_modules (target_modules=[] for parameters only).")
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        raise UnsupportedSite(f"init_lora_weights={config.init_lora_weights!r} is not supported with "
+                              "target_parameters (True, False or 'gaussian').")
+    delta = LoraParameters(module, names, r=r, alpha=alpha, use_rslora=config.use_rslora)
+    p = getattr(module, names[0])
+    delta.to(dtype=p.dtype if p.is_floating_point() else torch.float32)  # PEFT: the parameter's dtype
+    delta.reset(config.init_lora_weights)
     return delta
 
 
