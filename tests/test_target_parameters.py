@@ -184,7 +184,7 @@ def test_switching_adapters_under_compile_does_not_recompile():
         model.set_adapter("default")
         compiled(**batch())
         n = len(compiles)
-        assert n > 0
+        assert n == 1  # one graph: no graph break at the experts either
         with torch._dynamo.config.patch(error_on_recompile=True):
             for name in ("other", "default", "other"):
                 model.set_adapter(name)

@@ -36,8 +36,8 @@ import weakref
 import torch
 from torch import nn
 
+from ...core import site as _site
 from ...core.method import Delta, init_skipped, new_parameter
-from ...core.site import current_routing
 
 
 def parameter_layout(owner: nn.Module, name: str) -> tuple[int, int, int, bool]:
@@ -129,7 +129,8 @@ class LoraParameters(Delta):
 
     def replace(self, *args, **kwargs):
         """The owner's output with every targeted parameter replaced by ``W + s B A``."""
-        if current_routing() is not None:
+        # the plain global first: torch.compile traces it, not the ContextVar (as Site.forward does)
+        if _site._OPEN_ROUTINGS and _site.current_routing() is not None:
             raise TypeError("LoRA on parameters (target_parameters) does not support mixed adapter batches "
                             "(adapter_names=...), as in Hugging Face PEFT; set_adapter() one adapter instead.")
         return torch.func.functional_call(self._owner, self.updated(), args, kwargs, strict=False)
