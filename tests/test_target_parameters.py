@@ -191,3 +191,16 @@ def test_switching_adapters_under_compile_does_not_recompile():
                 torch.testing.assert_close(compiled(**batch()).logits, expected[name], atol=1e-5, rtol=1e-5)
     assert len(compiles) == n
     torch._dynamo.reset()
+
+
+def test_cli_set_expresses_target_parameters():
+    import argparse
+
+    from peftkit.train.options import method_config
+
+    args = argparse.Namespace(method="lora", method_fields={}, set=['target_parameters=["experts.down_proj"]'])
+    config = method_config(args, "CAUSAL_LM")
+    assert config.target_parameters == ["experts.down_proj"] and config.target_modules is None
+    model = get_peft_model(tiny_qwen3_moe(), config)
+    deltas = [m for m in model.modules() if type(m).__name__ == "LoraParameters"]
+    assert len(deltas) == 2 and all(d.names == ["down_proj"] for d in deltas)  # one owner per layer
