@@ -8,7 +8,7 @@ import torch
 from conftest import inputs_for, output_of, tiny_llama
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit.combine import COMBINATION_TYPES, merge_tensors
+from peftkit.methods.lora.combine import COMBINATION_TYPES, merge_tensors
 from peftkit.core.inject import sites
 
 

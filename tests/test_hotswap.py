@@ -7,7 +7,7 @@ import torch
 from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
 
 from peftkit import CheckpointError, LoraConfig, PeftModel, get_peft_model
-from peftkit.hotswap import prepare_for_hotswap
+from peftkit.methods.lora.hotswap import prepare_for_hotswap
 from peftkit.methods import IA3Config
 
 

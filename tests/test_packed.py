@@ -196,7 +196,7 @@ def test_gpt2_conv1d_packs_and_matches(tmp_path):
 
 
 def test_hotswap_writes_into_packed_weights_and_padding_unpacks(two):
-    from peftkit.hotswap import prepare_for_hotswap
+    from peftkit.methods.lora.hotswap import prepare_for_hotswap
 
     base, a, b, ids = two
     model = PeftModel.from_pretrained(copy.deepcopy(base), a).eval()

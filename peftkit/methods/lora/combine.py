@@ -48,9 +48,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .core.copies import ModuleCopy
-from .core.inject import iter_candidates, sites
-from .core.registry import get_method
+from ...core.copies import ModuleCopy
+from ...core.inject import iter_candidates, sites
+from ...core.registry import get_method
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")

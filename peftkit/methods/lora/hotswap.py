@@ -34,12 +34,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import PeftConfig
-from .core.inject import sites
-from .core.registry import get_method
-from .core.packed import unpack_adapter
-from .io.checkpoint import CheckpointError, load_tensors
-from .io.peft_format import PREFIX
+from ...config import PeftConfig
+from ...core.inject import sites
+from ...core.registry import get_method
+from ...core.packed import unpack_adapter
+from ...io.checkpoint import CheckpointError, load_tensors
+from ...io.peft_format import PREFIX
 
 # local parameter name -> the dimension that holds the rank
 _RANK_DIM = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
@@ -47,7 +47,7 @@ _B_NAMES = ("lora_B", "lora_embedding_B")
 
 
 def _is_lora(delta) -> bool:
-    from .methods.lora.delta import LoraDelta
+    from .delta import LoraDelta
 
     return isinstance(delta, LoraDelta)
 
@@ -84,7 +84,7 @@ def _padded(dest: torch.Tensor, value: torch.Tensor, dim: int, key: str, source:
                               "base model or targets layers of another type.")
     if value.shape[dim] > dest.shape[dim]:
         raise CheckpointError(f"{source}: {key!r} has rank {value.shape[dim]} but only {dest.shape[dim]} is "
-                              "allocated. Call peftkit.hotswap.prepare_for_hotswap(model, target_rank="
+                              "allocated. Call peftkit.methods.lora.hotswap.prepare_for_hotswap(model, target_rank="
                               f"{value.shape[dim]}) before compiling, or load the largest adapter first.")
     out = torch.zeros_like(dest)
     out.narrow(dim, 0, value.shape[dim]).copy_(value)
