@@ -204,3 +204,24 @@ def test_cli_set_expresses_target_parameters():
     model = get_peft_model(tiny_qwen3_moe(), config)
     deltas = [m for m in model.modules() if type(m).__name__ == "LoraParameters"]
     assert len(deltas) == 2 and all(d.names == ["down_proj"] for d in deltas)  # one owner per layer
+
+
+def test_gradients_match_peft(tmp_path):
+    from peftkit.methods.lora import LoraParameters
+
+    torch.manual_seed(10)
+    theirs = peft.get_peft_model(tiny_gpt_oss(), peft.LoraConfig(**cfg()))
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(tiny_gpt_oss(), str(tmp_path), is_trainable=True)
+    for model in (theirs, ours):
+        model.train()
+        model(**batch(), labels=batch()["input_ids"]).loss.backward()
+    ref = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    got = {}
+    for path, m in ours.base_model.model.named_modules():  # each Delta's tensors under PEFT's keys
+        if isinstance(m, LoraParameters):
+            owner = path.rsplit(".deltas.", 1)[0]
+            got.update({f"base_model.model.{owner}.{k}": p.grad for k, p in m.peft_state().items()})
+    assert sorted(got) == sorted(ref) and len(ref) == 8  # 2 layers x 2 parameters x (A, B)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
