@@ -258,3 +258,12 @@ def test_lora_bias_config_checks_match_peft():
         model.merge_adapter()
     with pytest.raises(ValueError, match="Embedding"):
         peftkit.get_peft_model(nn.Sequential(nn.Embedding(10, 4)), peftkit.LoraConfig(target_modules=["0"], lora_bias=True))
+
+
+def test_hotswap_of_a_whole_layer_delta_is_refused_clearly(tmp_path):
+    from peftkit.methods.lora.hotswap import hotswap_adapter
+
+    model = peftkit.get_peft_model(_model("mha"), peftkit.LoraConfig(**CASES["mha"][1]))
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(NotImplementedError, match="hot-swapping"):
+        hotswap_adapter(model, str(tmp_path), "default")

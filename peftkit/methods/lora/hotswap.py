@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ...config import PeftConfig
+from ...core.copies import ModuleCopy
 from ...core.inject import sites
 from ...core.registry import get_method
 from ...core.packed import unpack_adapter
@@ -63,7 +64,13 @@ def _canonical(host, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, t
         if name not in site.deltas:
             continue
         delta = site.deltas[name]
-        if delta.replaces_base:  # modules_to_save copies
+        if delta.replaces_base and not isinstance(delta, ModuleCopy):
+            raise NotImplementedError(
+                f"hot-swapping adapter {name!r} is not supported: its Delta at {path} "
+                f"({type(delta).__name__}) computes the whole layer (LoRA on nn.MultiheadAttention or "
+                "on parameters, target_parameters). Load the new adapter with load_adapter() and "
+                "set_adapter() instead.")
+        if isinstance(delta, ModuleCopy):  # modules_to_save copies
             for pname in delta.module.state_dict():
                 alias[f"{PREFIX}{path}.modules_to_save.{pname}"] = f"{PREFIX}{path}.{pname}"
                 ignore.add(f"{PREFIX}{path}.original_module.{pname}")
