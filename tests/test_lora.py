@@ -483,3 +483,16 @@ def test_state_dict_lists_each_adapter_tensor_once():
     assert sum(".deltas.default.lora_A" in k for k in keys) == 2
     site = model.base_model.model.model.layers[0].self_attn.q_proj
     assert set(site._modules) == {"base_layer", "deltas"} and site._into[0] is site.deltas["default"]
+
+
+def test_load_state_dict_with_assign_keeps_set_adapter_right():
+    """load_state_dict(assign=True) puts new Parameter objects in place; set_adapter must then
+    train the new adapter's tensors and freeze the others' (not the replaced objects')."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"]))
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    model.set_adapter("b")
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if ".deltas." in n}
+    assert flags and all(v == (".deltas.b." in n) for n, v in flags.items())
+    model.set_adapter("default")
+    assert all(p.requires_grad == (".deltas.default." in n) for n, p in model.named_parameters() if ".deltas." in n)

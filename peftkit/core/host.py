@@ -468,6 +468,8 @@ class AdapterHost(Host):
         self._train_on: set[str] = set()                   # adapters whose parameters require grad
         self._base_on: set[str] = set()                    # base parameter names requiring grad
         self._base_frozen = False
+        # load_state_dict(assign=True) replaces Parameter objects: the lists above must follow
+        self.register_load_state_dict_post_hook(_refresh_params)
 
     def _host_api(self, name: str):
         """Functions a loaded method offers on the host (``Method.host_api``), e.g. AdaLoRA's
@@ -677,3 +679,19 @@ def _match_device(delta: nn.Module, base: nn.Module) -> None:
         return
     if any(q.device != p.device for q in delta.parameters()):
         delta.to(p.device)
+
+
+def _refresh_params(host: "AdapterHost", incompatible_keys) -> None:
+    """After ``load_state_dict`` (on the host or any model around it): re-read each adapter's
+    parameters from its Sites, since ``assign=True`` puts new Parameter objects in place, and
+    toggling the old ones would leave the new ones trainable or frozen by mistake."""
+    fresh: dict[str, dict[int, nn.Parameter]] = {n: {} for n, ps in host._params.items() if ps}
+    if not fresh:
+        return
+    for _, site in sites(host.model):
+        for n, d in site.deltas.modules_only():
+            if n in fresh:
+                fresh[n].update((id(p), p) for p in d.parameters())
+    for n, ps in fresh.items():  # the new objects carry the old requires_grad flags already
+        host._params[n] = list(ps.values())
+
