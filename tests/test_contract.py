@@ -510,3 +510,19 @@ def test_prompt_adapter_loads_in_eval_mode_and_disables_reentrantly(tmp_path):
         got[lib] = (model.training, base.training, on)
     assert got[peftkit][:2] == got[peft][:2] == (False, False)
     torch.testing.assert_close(got[peftkit][2], got[peft][2])
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_loading_into_a_half_model_follows_autocast_adapter_dtype(tmp_path, autocast):
+    got = {}
+    for lib in LIBS:
+        folder = str(tmp_path / lib.__name__)
+        wrapped(lib, mlp(torch.bfloat16)).save_pretrained(folder)
+        extra = {"packed": False} if lib is peftkit else {}  # packed adapters hold no parameters to list
+        model = lib.PeftModel.from_pretrained(mlp(torch.bfloat16), folder, autocast_adapter_dtype=autocast, **extra)
+        model.load_adapter(folder, "other", autocast_adapter_dtype=autocast, **extra)
+        with torch.no_grad():
+            y = model(X.bfloat16())
+        got[lib] = (adapter_dtypes(model, "default"), adapter_dtypes(model, "other"), y)
+    assert got[peftkit][:2] == got[peft][:2] == ((["torch.float32"],) * 2 if autocast else (["torch.bfloat16"],) * 2)
+    torch.testing.assert_close(got[peftkit][2], got[peft][2])
