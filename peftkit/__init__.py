@@ -5,6 +5,7 @@ The public API mirrors Hugging Face PEFT: ``get_peft_model(model, LoraConfig(...
 ``adapter_model.safetensors`` format.
 """
 from .config import ConfigError, PeftConfig, PeftType, TaskType
+from .errors import NoMatchingPeftModuleError, PeftError
 from .io.checkpoint import CheckpointError
 from .methods import LoraConfig
 from .methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LNTuningConfig,  # noqa: E402
@@ -39,7 +40,8 @@ __all__ = [
     "BitFitConfig", "BottleneckConfig",
     "OFTConfig", "BOFTConfig",
     "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "AdaptionPromptConfig",
-    "PeftConfig", "PeftType", "TaskType", "ConfigError", "CheckpointError", "LoraConfig",
+    "PeftConfig", "PeftType", "TaskType", "ConfigError", "CheckpointError", "PeftError",
+    "NoMatchingPeftModuleError", "LoraConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "get_peft_model",

@@ -21,6 +21,8 @@ import os
 import warnings
 from typing import Any, ClassVar, Optional
 
+from .errors import PeftError
+
 CONFIG_NAME = "adapter_config.json"
 
 #: The Hugging Face PEFT release whose adapter format peftkit writes (and tests against), recorded
@@ -73,8 +75,12 @@ class PeftType(_StrValueEnum):
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
 
 
-class ConfigError(ValueError):
+class ConfigError(PeftError, ValueError):
     """A configuration that cannot be used; the message says what was expected."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config field of the wrong type, where PEFT raises ``TypeError`` (still a ConfigError)."""
 
 
 @dataclasses.dataclass

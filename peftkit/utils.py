@@ -8,7 +8,7 @@
   weights under the keys the model had before any adapter (no ``base_layer`` infix, no adapter
   tensors), e.g. to load base weights after FSDP wrapping;
 - re-exports: the state-dict functions, ``load_peft_weights``, ``prepare_model_for_kbit_training``,
-  ``PeftType``, ``TaskType``, file names, :func:`infer_device`, :func:`transpose`.
+  ``PeftType``, ``TaskType``, ``PeftError``, ``NoMatchingPeftModuleError``, file names, :func:`infer_device`, :func:`transpose`.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from torch import nn
 from .config import CONFIG_NAME, PeftType, TaskType
 from .core.host import IncompatibleKeys
 from .core.site import Site
+from .errors import NoMatchingPeftModuleError, PeftError
 from .functional import _host_and_prefix, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME as SAFETENSORS_WEIGHTS_NAME
 from .quant import prepare_model_for_kbit_training
@@ -27,7 +28,7 @@ from .quant import prepare_model_for_kbit_training
 #: PEFT's ``WEIGHTS_NAME`` is the legacy pickle file name; the safetensors one is separate.
 WEIGHTS_NAME = LEGACY_WEIGHTS_NAME
 
-__all__ = ["CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "PeftType", "TaskType", "_get_submodules",
+__all__ = ["NoMatchingPeftModuleError", "PeftError", "CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "PeftType", "TaskType", "_get_submodules",
            "get_base_model_state_dict", "set_base_model_state_dict", "get_peft_model_state_dict",
            "set_peft_model_state_dict", "load_peft_weights", "prepare_model_for_kbit_training", "infer_device",
            "transpose"]

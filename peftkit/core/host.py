@@ -25,7 +25,7 @@ from torch import nn
 
 from ..quant.prepare import guard_quantized
 from .copies import ModuleCopy
-from .inject import attach, detach, iter_candidates, no_match_error, sites
+from .inject import attach, detach, excluded_paths, iter_candidates, no_match_error, sites, spec_text
 from .method import UnsupportedSite, is_placeholder, weights_from_checkpoint
 from .packed import STORE_KEY, pack_adapter, unpack_adapter
 from .registry import get_method
@@ -511,6 +511,9 @@ class AdapterHost(Host):
         targets = [(p, m) for p, m in iter_candidates(self.model) if method.is_target(config, p, m, self.model)]
         if not targets:
             raise no_match_error(config, self.model)
+        if getattr(config, "exclude_modules", None) and not excluded_paths(config, self.model):
+            warnings.warn(f"You have passed exclude_modules={spec_text(config.exclude_modules)} but no modules were excluded. "
+                          "Please check that exclude_modules was set correctly.", UserWarning, stacklevel=4)
         for path, module in targets:
             base = module.base_layer if isinstance(module, Site) else module
             if isinstance(module, Site) and any(type(d) is ModuleCopy for _, d in module.deltas.modules_only()):

@@ -108,8 +108,35 @@ def iter_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             stack.append((path, child))
 
 
+def _target_spec_matches(config, path: str, module: nn.Module, model: nn.Module) -> bool:
+    tm = getattr(config, "target_modules", None)
+    if tm == "all-linear":
+        return isinstance(module, linear_types()) and module is not _output_module(model)
+    return _name_matches(tm, path)
+
+
+def excluded_paths(config, model: nn.Module) -> list[str]:
+    """Paths that ``target_modules`` selects and ``exclude_modules`` then drops."""
+    ex = getattr(config, "exclude_modules", None)
+    if not ex:
+        return []
+    return [p for p, m in iter_candidates(model)
+            if _target_spec_matches(config, p, m.base_layer if isinstance(m, Site) else m, model)
+            and _name_matches(ex, p)]
+
+
+def spec_text(tm) -> str:
+    """A target spec as PEFT prints it: a list as its set, a regex as the string."""
+    if isinstance(tm, (list, tuple, set, frozenset)):
+        return "{" + ", ".join(repr(t) for t in sorted(tm)) + "}"  # PEFT prints its set
+    return repr(tm) if not isinstance(tm, str) else tm
+
+
 def no_match_error(config, model: nn.Module) -> ValueError:
-    """A ValueError naming the requested targets and some module names that do exist."""
+    """PEFT's error when a config selects nothing (its first sentence, so code that matches on it
+    keeps working), followed by the layer names the model does have and what to pass instead."""
+    from ..errors import NoMatchingPeftModuleError
+
     names, seen = [], set()
     for path, mod in iter_candidates(model):
         base = mod.base_layer if isinstance(mod, Site) else mod
@@ -118,12 +145,25 @@ def no_match_error(config, model: nn.Module) -> ValueError:
             if last not in seen:
                 seen.add(last)
                 names.append(last)
-    return ValueError(
-        f"target_modules={getattr(config, 'target_modules', None)!r} "
-        f"(exclude_modules={getattr(config, 'exclude_modules', None)!r}, "
-        f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r}) matched no module "
-        f"of {type(model).__name__}. Layer names it has: {', '.join(names[:25]) or '(none)'}. "
-        "Pass names from this list, a regex matched against full dotted paths, or 'all-linear'."
+    tm = getattr(config, "target_modules", None)
+    if not tm and not getattr(config, "target_parameters", None):
+        lead = ("No `target_modules` passed but also no `target_parameters` found. "
+                "Please check the values for these arguments.")
+    elif excluded_paths(config, model):
+        lead = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                "configuration. You may also have only targeted modules that are marked to be saved "
+                "(`modules_to_save`).")
+    else:
+        lead = f"Target modules {spec_text(tm)} not found in the base model. Please check the target modules and try again."
+    if getattr(config, "layers_to_transform", None) is not None:
+        lead += f" Note: You specified 'layers_to_transform': {config.layers_to_transform}."
+        if getattr(config, "layers_pattern", None) is not None:
+            lead += f" You also specified 'layers_pattern': {config.layers_pattern}."
+    return NoMatchingPeftModuleError(
+        f"{lead} (peftkit: target_modules={tm!r}, exclude_modules={getattr(config, 'exclude_modules', None)!r} "
+        f"matched no module of {type(model).__name__}. Layer names it has: {', '.join(names[:25]) or '(none)'}. "
+        "Pass names from this list, a regex matched against full dotted paths, or 'all-linear'.)"
     )
 
 

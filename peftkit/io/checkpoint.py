@@ -16,11 +16,13 @@ from typing import Optional
 
 import torch
 
+from ..errors import PeftError
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PeftError, ValueError):
     """An adapter file that cannot be used; the message names the file and the problem."""
 
 

@@ -84,9 +84,15 @@ def check_probability(config: Any, *names: str) -> None:
 
 
 def check_layers(config: Any) -> None:
-    """PEFT's rules for ``layers_to_transform`` / ``layers_pattern``."""
+    """PEFT's rules for ``layers_to_transform`` / ``layers_pattern``, in its order and words."""
+    regex = isinstance(getattr(config, "target_modules", None), str)
+    name = type(config).__name__
+    if regex and getattr(config, "layers_to_transform", None) is not None:
+        raise ConfigError(f"`layers_to_transform` cannot be used when `target_modules` is a str ({name}: "
+                          "put the layer indices in the regex instead).")
+    if regex and getattr(config, "layers_pattern", None):
+        raise ConfigError(f"`layers_pattern` cannot be used when `target_modules` is a str ({name}: "
+                          "a regex names the layers itself).")
     if getattr(config, "layers_pattern", None) and getattr(config, "layers_to_transform", None) is None:
-        raise ConfigError(f"{type(config).__name__}.layers_pattern needs layers_to_transform to be set too.")
-    if isinstance(getattr(config, "target_modules", None), str) and getattr(config, "layers_to_transform", None) is not None:
-        raise ConfigError("layers_to_transform cannot be combined with a regex target_modules; "
-                          "put the layer indices in the regex instead.")
+        raise ConfigError(f"When `layers_pattern` is specified, `layers_to_transform` must also be specified "
+                          f"({name}: give the layer indices the pattern's layers are picked by).")

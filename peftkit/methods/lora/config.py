@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Optional, Union
 
-from ...config import ConfigError, PeftConfig, PeftType
+from ...config import ConfigError, ConfigTypeError, PeftConfig, PeftType
+from .._shared import check_layers
 
 _INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "eva")
 
@@ -100,22 +101,19 @@ class LoraConfig(PeftConfig):
             )
         if self.lora_bias and init not in (True, False):
             raise ConfigError(f"The argument lora_bias=True is only supported with init_lora_weights=True or False, "
-                              f"got init_lora_weights={init!r} instead.")
+                              f"got init_lora_weights={init} instead.")
         if self.lora_bias and self.use_dora:
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         self._sub_configs()
         self._check_target_parameters()
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("LoraConfig.layers_pattern needs layers_to_transform to be set too.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ConfigError("layers_to_transform cannot be combined with a regex target_modules; "
-                              "put the layer indices in the regex instead.")
+        check_layers(self)
 
     def _check_target_parameters(self) -> None:
         """A list of names; the options PEFT's parameter wrapper refuses are refused here, early."""
         tp = self.target_parameters
         if isinstance(tp, str):
-            raise ConfigError(f"LoraConfig.target_parameters must be a list of parameter names, got the string {tp!r}; "
+            raise ConfigTypeError("`target_parameters` must be a list of strings or None: "
+                                  f"LoraConfig got the string {tp!r}; "
                               f"write [{tp!r}] (regexes are not supported, as in PEFT).")
         if isinstance(tp, (set, tuple)):
             self.target_parameters = tp = sorted(tp)
