@@ -92,13 +92,18 @@ FAMILIES = {
 }
 
 
-def perturb(model: torch.nn.Module, seed: int = 7) -> None:
-    """Give every trainable tensor non-trivial values (as after training)."""
+@torch.no_grad()
+def perturb(model, seed: int = 7, scale: float = 0.1) -> None:
+    """Give trainable tensors non-trivial values, as after training: add ``scale`` x N(0, 1) noise,
+    drawn from ``seed``. ``model``: a module (its parameters that require grad, in name order,
+    so only the active adapter's) or a list of parameters (those, in that order)."""
+    if isinstance(model, torch.nn.Module):
+        params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]) if p.requires_grad]
+    else:
+        params = list(model)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
 
 
 def inputs_for(model, batch: int = 2, seq: int = 8, seed: int = 1) -> dict:
@@ -115,6 +120,27 @@ def output_of(model, batch) -> torch.Tensor:
     """The model's main output tensor (logits)."""
     out = model(**batch) if isinstance(batch, dict) else model(batch)
     return out.logits if hasattr(out, "logits") else out
+
+
+class _BlockDiagonal:
+    """Stand-in for PEFT's CUDA ``FastBlockDiag``: (N, D, b, b) -> (N, D b, D b)."""
+
+    @staticmethod
+    def apply(blocks):
+        return torch.stack([torch.block_diag(*factor) for factor in blocks])
+
+
+@pytest.fixture
+def peft_boft_everywhere(monkeypatch):
+    """PEFT computes BOFT with more than one butterfly factor only through its CUDA extension (on
+    a CPU it silently falls back to one factor). This gives PEFT a stand-in for that extension's
+    block-diagonal kernel (``torch.block_diag``), so PEFT's own permutations and products run on
+    this machine and comparisons cover every factor count."""
+    import peft.tuners.boft.layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
+    monkeypatch.setattr(boft_layer, "FastBlockDiag", _BlockDiagonal)
+    warnings.filterwarnings("ignore", message=".*(oft_block_size|does not divide).*")
 
 
 @pytest.fixture
