@@ -1,4 +1,8 @@
-"""LoRA and its variants over the model-family matrix: identities, training, save/load."""
+"""LoRA's own behaviours: parameter counts, targeting, PiSSA/OLoRA, the in-place path, hooks.
+
+LoRA, rsLoRA and DoRA over the model families (identity, merging, several adapters, mixed
+batches, training, save/load, PEFT parity) are rows of the table in tests/matrix.py, run by
+tests/test_matrix.py."""
 from __future__ import annotations
 
 import copy
@@ -11,92 +15,11 @@ from conftest import FAMILIES, TinyConvNet, inputs_for, output_of, perturb, tiny
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.core.site import Site
 
-VARIANTS = {
-    "lora": {},
-    "rslora": {"use_rslora": True},
-    "dora": {"use_dora": True},
-    "dropout": {"lora_dropout": 0.1},
-}
-
-
 def build(family, init=True, **kw):
     factory, targets = FAMILIES[family]
     base = factory()
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init, **kw)
     return base, cfg
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_zero_init_is_identity(family, variant):
-    base, cfg = build(family, **VARIANTS[variant])
-    batch = inputs_for(base)
-    ref = output_of(base, batch)
-    model = get_peft_model(base, cfg).eval()
-    torch.testing.assert_close(output_of(model, batch), ref, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
-def test_merge_equals_unmerged_and_unmerge_restores(family, variant):
-    base, cfg = build(family, init=False, **VARIANTS[variant])
-    batch = inputs_for(base)
-    weights = {k: v.clone() for k, v in base.state_dict().items()}
-    model = get_peft_model(base, cfg).eval()
-    unmerged = output_of(model, batch)
-    assert (unmerged - output_of(model.get_base_model(), batch)).abs().max() > 0 or True
-    model.merge_adapter()
-    torch.testing.assert_close(output_of(model, batch), unmerged, atol=1e-5, rtol=1e-5)
-    model.unmerge_adapter()
-    torch.testing.assert_close(output_of(model, batch), unmerged, atol=1e-5, rtol=1e-5)
-    restored = model.unload().state_dict()
-    for k, v in weights.items():
-        torch.testing.assert_close(restored[k], v, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_disable_adapter_equals_base_and_merge_and_unload(family):
-    base, cfg = build(family, init=False)
-    batch = inputs_for(base)
-    ref = output_of(base, batch)
-    model = get_peft_model(base, cfg).eval()
-    adapted = output_of(model, batch)
-    assert not torch.allclose(adapted, ref)
-    with model.disable_adapter():
-        torch.testing.assert_close(output_of(model, batch), ref)
-    model.merge_adapter()
-    with model.disable_adapter():  # merged adapters are taken out for the block
-        torch.testing.assert_close(output_of(model, batch), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(output_of(model, batch), adapted, atol=1e-5, rtol=1e-5)
-    plain = model.merge_and_unload()
-    assert not any(isinstance(m, Site) for m in plain.modules())
-    torch.testing.assert_close(output_of(plain, batch), adapted, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("variant", ["lora", "dora"])
-def test_only_adapter_trains_and_loss_falls(family, variant):
-    base, cfg = build(family, **VARIANTS[variant])
-    model = get_peft_model(base, cfg)
-    model.train()
-    batch = inputs_for(base, batch=4)
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names and all(".deltas." in n for n in names), names
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    target = torch.randn_like(output_of(model, batch))
-    losses = []
-    for _ in range(8):
-        loss = torch.nn.functional.mse_loss(output_of(model, batch), target)
-        opt.zero_grad()
-        loss.backward()
-        for n, p in model.named_parameters():
-            assert (p.grad is not None) == p.requires_grad, n
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            assert p.grad is None, n
 
 
 def test_trainable_count_matches_formula():

@@ -1,7 +1,7 @@
-"""Hugging Face PEFT's on-disk format both ways, for every method PEFT also has.
+"""Hugging Face PEFT specifics of the non-LoRA methods: VeRA's projections, AdaLoRA's pruning, conv layers.
 
-Each case builds a tiny model, gives the adapter non-trivial weights, saves it with one library
-and loads it with the other, and compares logits (<= 1e-5).
+Files both ways with equal logits for every method x family that PEFT also has is the ``peft``
+mode of the table in tests/matrix.py (tests/test_matrix.py).
 """
 from __future__ import annotations
 
@@ -11,85 +11,10 @@ import os
 import pytest
 import torch
 
-from conftest import FAMILIES, inputs_for, output_of
-from peftkit import (AdaLoraConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, PeftModel, VeraConfig,
-                     get_peft_model)
+from conftest import FAMILIES, inputs_for, output_of, perturb
+from peftkit import AdaLoraConfig, LoHaConfig, LoKrConfig, PeftModel, VeraConfig, get_peft_model
 
 peft = pytest.importorskip("peft")
-
-IA3_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-               "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]), "t5": (["k", "v", "wo"], ["wo"])}
-LN_TARGETS = {"llama": ["input_layernorm", "post_attention_layernorm", "norm"], "gpt2": ["ln_1", "ln_2", "ln_f"],
-              "t5": ["layer_norm", "final_layer_norm"]}
-TARGETS = {fam: t for fam, (_, t) in FAMILIES.items()}
-
-# name -> (families, kwargs -> (ours, theirs))
-CASES = {
-    "ia3": (["llama", "gpt2", "t5"], lambda f: (
-        IA3Config(target_modules=IA3_TARGETS[f][0], feedforward_modules=IA3_TARGETS[f][1]),
-        peft.IA3Config(target_modules=IA3_TARGETS[f][0], feedforward_modules=IA3_TARGETS[f][1],
-                       fan_in_fan_out=f == "gpt2"))),
-    "loha": (["llama", "t5"], lambda f: (LoHaConfig(r=2, alpha=3, target_modules=TARGETS[f]),
-                                         peft.LoHaConfig(r=2, alpha=3, target_modules=TARGETS[f]))),
-    "lokr": (["llama", "t5"], lambda f: (LoKrConfig(r=2, alpha=3, target_modules=TARGETS[f]),
-                                         peft.LoKrConfig(r=2, alpha=3, target_modules=TARGETS[f]))),
-    "lokr_both": (["llama"], lambda f: (
-        LoKrConfig(r=1, decompose_both=True, decompose_factor=4, target_modules=TARGETS[f]),
-        peft.LoKrConfig(r=1, decompose_both=True, decompose_factor=4, target_modules=TARGETS[f]))),
-    "vera": (["llama", "gpt2"], lambda f: (
-        VeraConfig(r=8, target_modules=TARGETS[f], projection_prng_key=7),
-        peft.VeraConfig(r=8, target_modules=TARGETS[f], projection_prng_key=7, fan_in_fan_out=f == "gpt2"))),
-    "vera_regenerated": (["llama"], lambda f: (
-        VeraConfig(r=8, target_modules=TARGETS[f], save_projection=False),
-        peft.VeraConfig(r=8, target_modules=TARGETS[f], save_projection=False))),
-    "adalora": (["llama", "gpt2"], lambda f: (
-        AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=6, target_modules=TARGETS[f]),
-        peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=6, target_modules=TARGETS[f],
-                           fan_in_fan_out=f == "gpt2"))),
-    "ln_tuning": (["llama", "gpt2", "t5"], lambda f: (LNTuningConfig(target_modules=LN_TARGETS[f]),
-                                                       peft.LNTuningConfig(target_modules=LN_TARGETS[f]))),
-}
-PAIRS = [(m, f) for m, (fams, _) in CASES.items() for f in fams]
-
-
-@torch.no_grad()
-def perturb(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-@pytest.mark.parametrize("method,family", PAIRS)
-def test_peft_saved_loads_in_peftkit(method, family, tmp_path):
-    factory = FAMILIES[family][0]
-    _, theirs = CASES[method][1](family)
-    base = factory()
-    batch = inputs_for(base)
-    ref_base = output_of(base, batch)
-    pm = peft.get_peft_model(base, theirs)
-    perturb(pm, 5)
-    pm.eval()
-    ref = output_of(pm, batch)
-    assert (ref - ref_base).abs().max() > 1e-3
-    pm.save_pretrained(str(tmp_path))
-    ours = PeftModel.from_pretrained(factory(), str(tmp_path)).eval()
-    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("method,family", PAIRS)
-def test_peftkit_saved_loads_in_peft(method, family, tmp_path):
-    factory = FAMILIES[family][0]
-    cfg, _ = CASES[method][1](family)
-    base = factory()
-    batch = inputs_for(base)
-    ours = get_peft_model(base, cfg)
-    perturb(ours, 6)
-    ours.eval()
-    ref = output_of(ours, batch)
-    ours.save_pretrained(str(tmp_path))
-    theirs = peft.PeftModel.from_pretrained(factory(), str(tmp_path)).eval()
-    torch.testing.assert_close(output_of(theirs, batch), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_vera_projection_saved_or_regenerated(tmp_path):
@@ -120,7 +45,7 @@ def test_adalora_pruned_adapter_round_trips_with_peft(tmp_path):
     batch = inputs_for(base)
     pm = peft.get_peft_model(base, peft.AdaLoraConfig(**kw))
     ours = get_peft_model(factory(), AdaLoraConfig(**kw))
-    perturb(pm, 9)
+    perturb(pm, 9, 0.2)
     theirs_sd = peft.get_peft_model_state_dict(pm)
     for path, site in ((p, s) for p, s in ours.named_modules() if hasattr(s, "deltas")):
         d = site.deltas["default"]
@@ -163,7 +88,7 @@ def test_conv_layers_match_peft_both_ways(method, tmp_path):
     theirs_cfg = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[method](r=2, alpha=3, target_modules=targets)
     ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
     pm = peft.get_peft_model(TinyConvNet(), theirs_cfg)
-    perturb(pm, 11)
+    perturb(pm, 11, 0.2)
     ref = pm.eval()(ids)
     pm.save_pretrained(str(tmp_path / "theirs"))
     ours = PeftModel.from_pretrained(TinyConvNet(), str(tmp_path / "theirs")).eval()
@@ -172,7 +97,7 @@ def test_conv_layers_match_peft_both_ways(method, tmp_path):
     torch.testing.assert_close(ours(ids), ref, atol=1e-5, rtol=1e-5)
     ours.unmerge_adapter()
     mine = get_peft_model(TinyConvNet(), ours_cfg)
-    perturb(mine, 12)
+    perturb(mine, 12, 0.2)
     expected = mine.eval()(ids)
     mine.save_pretrained(str(tmp_path / "ours"))
     back = peft.PeftModel.from_pretrained(TinyConvNet(), str(tmp_path / "ours")).eval()

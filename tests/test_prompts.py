@@ -1,4 +1,8 @@
-"""Soft prompts and LLaMA-Adapter over the model-family matrix: shapes, training, generate, save/load."""
+"""Soft prompts and LLaMA-Adapter, what is their own: encoders, initialisation, checkpointing, errors.
+
+Each prompt method over the model families (shapes and loss, disable, unload, several adapters,
+the mixed-batch refusal, training, generate, save/load, PEFT parity) is a row of the table in
+tests/matrix.py, run by tests/test_matrix.py."""
 from __future__ import annotations
 
 import warnings
@@ -6,42 +10,24 @@ import warnings
 import pytest
 import torch
 
-from conftest import VOCAB, inputs_for, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import FAMILIES, VOCAB, inputs_for, perturb, tiny_bert_cls, tiny_gpt2, tiny_llama
+from matrix import ROWS_BY_NAME, TASKS, V
 from peftkit import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig,
                      PromptTuningConfig, get_peft_model)
 
-V = 3
-FAMILIES = {"llama": (tiny_llama, "CAUSAL_LM"), "gpt2": (tiny_gpt2, "CAUSAL_LM"),
-            "bert": (tiny_bert_cls, "SEQ_CLS"), "t5": (tiny_t5, "SEQ_2_SEQ_LM")}
-METHODS = {
-    "prompt": lambda task: PromptTuningConfig(task_type=task, num_virtual_tokens=V),
-    "p_mlp": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=V, encoder_hidden_size=16),
-    "p_lstm": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=V, encoder_hidden_size=8,
-                                               encoder_reparameterization_type="LSTM"),
-    "prefix": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=V),
-    "prefix_proj": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=V, prefix_projection=True,
-                                                   encoder_hidden_size=16),
-    "adaption": lambda task: AdaptionPromptConfig(task_type=task, adapter_len=V, adapter_layers=2),
-}
-ADAPTION_FAMILIES = ("llama", "gpt2")
-EMBEDDING_METHODS = ("prompt", "p_mlp", "p_lstm")
-
-
-def cases(families=tuple(FAMILIES), methods=tuple(METHODS)):
-    return [(f, m) for f in families for m in methods if m != "adaption" or f in ADAPTION_FAMILIES]
-
 
 def build(family, method):
-    factory, task = FAMILIES[family]
+    """The table's ``method`` row on ``family``: (the base factory, a fresh PeftModel)."""
+    factory = FAMILIES[family][0]
     torch.manual_seed(0)
-    return factory, get_peft_model(factory(), METHODS[method](task))
+    return factory, get_peft_model(factory(), ROWS_BY_NAME[method].config(family))
 
 
 def batch_for(family, model, padded=True):
     b = inputs_for(model, batch=2, seq=6)
     if padded:
         b["attention_mask"][0, :2] = 0
-    task = FAMILIES[family][1]
+    task = TASKS[family]
     if task == "CAUSAL_LM":
         b["labels"] = b["input_ids"].clone()
     elif task == "SEQ_CLS":
@@ -51,136 +37,9 @@ def batch_for(family, model, padded=True):
     return b
 
 
-def randomise(model):
-    """Make the adapter do something (adaption gates start at zero)."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-
-
-@pytest.mark.parametrize("family,method", cases())
-def test_forward_shapes_and_labels(family, method):
-    _, model = build(family, method)
-    b = batch_for(family, model)
-    out = model(**b)
-    B, T = b["input_ids"].shape
-    task = FAMILIES[family][1]
-    if task == "CAUSAL_LM":
-        extra = V if method in EMBEDDING_METHODS else 0  # virtual input tokens show in the logits
-        assert out.logits.shape == (B, T + extra, VOCAB)
-    elif task == "SEQ_CLS":
-        assert out.logits.shape == (B, 2)
-    else:
-        assert out.logits.shape == (B, b["labels"].shape[1], VOCAB)
-    assert torch.isfinite(out.loss)
-
-
-@pytest.mark.parametrize("family,method", cases())
-def test_only_prompt_trains_and_loss_falls(family, method):
-    _, model = build(family, method)
-    model.train()
-    b = batch_for(family, model, padded=False)
-    b["labels"] = torch.full_like(b["labels"], 1)  # toy task: always token 1 (or class 1)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=0.1)
-    losses = []
-    for _ in range(15):
-        loss = model(**b).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
-    for n, p in model.named_parameters():
-        if n in frozen:
-            assert torch.equal(p, frozen[n]), n
-
-
-def greedy_uncached(model, ids, steps):
-    seq = ids
-    for _ in range(steps):
-        nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
-        seq = torch.cat([seq, nxt], 1)
-    return seq
-
-
-@pytest.mark.parametrize("family,method", cases(("llama", "gpt2")))
-def test_generate_cache_equals_uncached_and_left_padding(family, method):
-    _, model = build(family, method)
-    randomise(model)
-    model.eval()
-    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    for row, start in ((0, 0), (1, 2)):
-        alone = model.generate(input_ids=ids[row:row + 1, start:], **kw)
-        assert batched[row, 5:].tolist() == alone[0, 5 - start:].tolist()
-        reference = greedy_uncached(model, ids[row:row + 1, start:], 6)
-        assert alone.tolist() == reference.tolist()
-    assert batched[:, :5].tolist() == ids.tolist()  # output = inputs + new tokens, as without adapters
-
-
-@pytest.mark.parametrize("method", ["prompt", "p_mlp", "prefix"])
-def test_seq2seq_generate_equals_uncached(method):
-    _, model = build("t5", method)
-    randomise(model)
-    model.eval()
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
-    dec = torch.tensor([[0]])
-    for _ in range(5):
-        nxt = model(input_ids=ids, decoder_input_ids=dec).logits[:, -1].argmax(-1, keepdim=True)
-        dec = torch.cat([dec, nxt], 1)
-    assert out.tolist() == dec.tolist()
-
-
-@pytest.mark.parametrize("family,method", cases())
-def test_save_load_identity(family, method, tmp_path):
-    factory, model = build(family, method)
-    randomise(model)
-    model.eval()
-    b = batch_for(family, model)
-    ref = model(**b).logits
-    model.save_pretrained(str(tmp_path))
-    loaded = PeftModel.from_pretrained(factory(), str(tmp_path)).eval()
-    torch.testing.assert_close(loaded(**b).logits, ref, atol=1e-6, rtol=0)
-    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_adaption_prompt_starts_at_base_and_disable(family):
-    factory, model = build(family, "adaption")
-    b = batch_for(family, model)
-    base = factory().eval()
-    model.eval()
-    torch.testing.assert_close(model(**b).logits, base(**b).logits, atol=0, rtol=0)
-    randomise(model)
-    assert not torch.allclose(model(**b).logits, base(**b).logits)
-    with model.disable_adapter():
-        torch.testing.assert_close(model(**b).logits, base(**b).logits, atol=0, rtol=0)
-    plain = model.unload()
-    assert type(plain.get_submodule(FAMILY_ATTN[family])).__name__ != "AdaptedAttention"
-    torch.testing.assert_close(plain(**b).logits, base(**b).logits, atol=0, rtol=0)
-
-
-FAMILY_ATTN = {"llama": "model.layers.1.self_attn", "gpt2": "transformer.h.1.attn"}
-
-
-@pytest.mark.parametrize("family,method", cases(methods=("prompt", "prefix")))
-def test_disable_adapter_runs_base(family, method):
-    factory, model = build(family, method)
-    model.eval()
-    b = batch_for(family, model)
-    with model.disable_adapter():
-        torch.testing.assert_close(model(**b).logits, factory().eval()(**b).logits, atol=1e-5, rtol=0)
-
-
 def test_resume_training_through_the_encoder(tmp_path):
     factory, model = build("llama", "p_mlp")
-    randomise(model)
+    perturb(model, 0, 0.5)
     model.save_pretrained(str(tmp_path))
     resumed = PeftModel.from_pretrained(factory(), str(tmp_path), is_trainable=True)
     enc, enc2 = model.base_model.prompt_encoder["default"], resumed.base_model.prompt_encoder["default"]
@@ -210,7 +69,7 @@ def test_multiple_prompt_adapters_switch_and_delete():
 
 def test_load_adapter_beside_the_first(tmp_path):
     factory, saved = build("gpt2", "prefix")
-    randomise(saved)
+    perturb(saved, 0, 0.5)
     saved.eval()
     b = batch_for("gpt2", saved)
     ref = saved(**b).logits
@@ -229,13 +88,13 @@ def test_gradient_checkpointing():
         _, model = build("llama", method)
         model.get_base_model().gradient_checkpointing_enable()
         model.train()
-        randomise(model)
+        perturb(model, 0, 0.5)
         model(**batch_for("llama", model)).loss.backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     base = tiny_llama()
     base.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
-        get_peft_model(base, METHODS["prefix"]("CAUSAL_LM"))
+        get_peft_model(base, ROWS_BY_NAME["prefix"].config("llama"))
 
 
 def test_print_trainable_parameters_exact(capsys):
@@ -345,7 +204,7 @@ def test_bert_prefix_reaches_every_layer_and_masks_align():
 @pytest.mark.parametrize("method", ["prompt", "prefix", "adaption"])
 def test_beam_search_and_sampled_sequences(method):
     _, model = build("llama", method)
-    randomise(model)
+    perturb(model, 0, 0.5)
     model.eval()
     ids, mask = torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
     kw = dict(max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)

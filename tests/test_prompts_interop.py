@@ -1,4 +1,7 @@
-"""Soft prompts and adaption prompts saved by Hugging Face PEFT load here, and ours load there."""
+"""Prompt-method specifics against Hugging Face PEFT: p-tuning's encoder output, the keys and config we write.
+
+Files both ways with equal logits, and equal parameter counts, for every prompt method x family
+is the ``peft`` mode of the table in tests/matrix.py (tests/test_matrix.py)."""
 from __future__ import annotations
 
 import json
@@ -7,71 +10,23 @@ import os
 import pytest
 import torch
 
-from test_prompts import FAMILIES, METHODS, batch_for, cases, randomise
+from conftest import FAMILIES, perturb
+from matrix import ROWS_BY_NAME, peft_twin
 from peftkit import PeftModel
+from test_prompts import batch_for
 
 peft = pytest.importorskip("peft")
 
-# Hugging Face PEFT 0.21 cannot run prefix tuning on BERT under transformers 5 ("Model does not
-# support past key values"), so that pair is checked on the peftkit side only (test_prompts.py).
-PAIRS = [c for c in cases() if c != ("bert", "prefix") and c != ("bert", "prefix_proj")]
-
-
-def peft_config(family, method):
-    """The same configuration as Hugging Face PEFT's config class."""
-    cfg = METHODS[method](FAMILIES[family][1])
-    data = {k: v for k, v in cfg.to_dict().items() if v is not None}
-    data.pop("inference_mode", None)
-    return peft.get_peft_config(data)
-
 
 def peft_model(family, method):
-    factory, _ = FAMILIES[family]
+    """Hugging Face PEFT's model of the table's ``method`` row on ``family``."""
     torch.manual_seed(0)
-    model = peft.get_peft_model(factory(), peft_config(family, method))
-    return model
-
-
-@pytest.mark.parametrize("family,method", PAIRS)
-def test_trainable_parameter_counts_equal_peft(family, method):
-    from test_prompts import build
-
-    _, ours = build(family, method)
-    assert ours.get_nb_trainable_parameters() == peft_model(family, method).get_nb_trainable_parameters()
-
-
-@pytest.mark.parametrize("family,method", PAIRS)
-def test_peft_adapter_loads_here_with_equal_logits(family, method, tmp_path):
-    theirs = peft_model(family, method)
-    randomise(theirs)
-    theirs.eval()
-    b = batch_for(family, theirs)
-    ref = theirs(**b).logits
-    theirs.save_pretrained(str(tmp_path))
-    ours = PeftModel.from_pretrained(FAMILIES[family][0](), str(tmp_path)).eval()
-    assert (ours(**b).logits - ref).abs().max() <= 1e-5
-    # inference-mode counts agree as well (p-tuning keeps only the encoder output then)
-    loaded = peft.PeftModel.from_pretrained(FAMILIES[family][0](), str(tmp_path))
-    assert ours.get_nb_trainable_parameters()[1] == loaded.get_nb_trainable_parameters()[1]
-
-
-@pytest.mark.parametrize("family,method", PAIRS)
-def test_our_adapter_loads_in_peft_with_equal_logits(family, method, tmp_path):
-    from test_prompts import build
-
-    _, ours = build(family, method)
-    randomise(ours)
-    ours.eval()
-    b = batch_for(family, ours)
-    ref = ours(**b).logits
-    ours.save_pretrained(str(tmp_path))
-    theirs = peft.PeftModel.from_pretrained(FAMILIES[family][0](), str(tmp_path)).eval()
-    assert (theirs(**b).logits - ref).abs().max() <= 1e-5
+    return peft.get_peft_model(FAMILIES[family][0](), peft_twin(ROWS_BY_NAME[method].config(family)))
 
 
 def test_peft_ptuning_file_resumes_on_its_output(tmp_path):
     theirs = peft_model("llama", "p_mlp")
-    randomise(theirs)
+    perturb(theirs, 0, 0.5)
     theirs.eval()
     b = batch_for("llama", theirs)
     ref = theirs(**b).logits
