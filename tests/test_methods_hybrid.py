@@ -8,20 +8,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
+from conftest import inputs_for, output_of, perturb, tiny_gpt2, tiny_llama
 from peftkit import BottleneckConfig, IA3Config, LoraConfig, PeftModel, VeraConfig, get_peft_model
 from peftkit.core.inject import sites
 from peftkit.core.site import Site
 from peftkit.io.checkpoint import CheckpointError
 from peftkit.methods.gates import GatedDelta, add_gates, gate_state_dict
 from peftkit.methods.hybrids import HybridModel, mam_adapter, unipelt
-
-
-@torch.no_grad()
-def perturb(params, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def _trainable(model) -> list:

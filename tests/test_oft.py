@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import inputs_for, output_of, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import inputs_for, output_of, perturb, tiny_bert_cls, tiny_gpt2, tiny_llama
 from peftkit import BOFTConfig, ConfigError, OFTConfig, PeftModel, get_peft_model
 from peftkit.core.site import Site
 from peftkit.methods.oft import cayley, closest_divisor
@@ -55,30 +55,8 @@ def configs(name: str, **extra):
     return OFTConfig(**kw), peft.OFTConfig(**kw)
 
 
-class _BlockDiagonal:
-    """Stand-in for PEFT's CUDA ``FastBlockDiag``: (N, D, b, b) -> (N, D b, D b)."""
-
-    @staticmethod
-    def apply(blocks):
-        return torch.stack([torch.block_diag(*factor) for factor in blocks])
-
-
-@pytest.fixture(autouse=True)
-def peft_boft_everywhere(monkeypatch):
-    import peft.tuners.boft.layer as boft_layer
-
-    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
-    monkeypatch.setattr(boft_layer, "FastBlockDiag", _BlockDiagonal)
-    warnings.filterwarnings("ignore", message=".*(oft_block_size|does not divide).*")
-
-
-@torch.no_grad()
-def perturb(model, seed: int, scale: float = 0.2) -> None:
-    """Non-trivial values for every trainable tensor (as after training)."""
-    g = torch.Generator().manual_seed(seed)
-    for _, p in sorted(model.named_parameters()):
-        if p.requires_grad:
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+pytestmark = pytest.mark.usefixtures("peft_boft_everywhere")  # conftest.py: PEFT's BOFT kernel on a CPU
+S = 0.2  # perturb's scale here
 
 
 class ConvNet(nn.Module):
@@ -106,7 +84,7 @@ def test_peft_saved_loads_here_and_merges(name, tmp_path):
     batch = inputs_for(base)
     plain = output_of(base, batch)
     pm = peft.get_peft_model(base, theirs_cfg)
-    perturb(pm, 5)
+    perturb(pm, 5, S)
     pm.eval()
     ref = output_of(pm, batch)
     assert (ref - plain).abs().max() > 1e-3
@@ -122,7 +100,7 @@ def test_peft_saved_loads_here_and_merges(name, tmp_path):
 def test_saved_here_loads_in_peft(name, tmp_path):
     ours_cfg, _ = configs(name)
     model = get_peft_model(tiny_llama(), ours_cfg)
-    perturb(model, 6)
+    perturb(model, 6, S)
     model.eval()
     batch = inputs_for(model)
     ref = output_of(model, batch)
@@ -147,7 +125,7 @@ def test_biases_train_and_travel_with_the_adapter(method, tmp_path):
     biases = [n for n in trainable if ".deltas." not in n]
     assert biases and all(n.endswith((".query.base_layer.bias", ".value.base_layer.bias")) for n in biases)
     assert len(biases) == 4  # query and value of two layers
-    perturb(model, 7)
+    perturb(model, 7, S)
     model.eval()
     batch = inputs_for(model)
     ref = output_of(model, batch)
@@ -155,7 +133,7 @@ def test_biases_train_and_travel_with_the_adapter(method, tmp_path):
     theirs = peft.PeftModel.from_pretrained(tiny_bert_cls(), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(output_of(theirs, batch), ref, atol=1e-5, rtol=0)
     pm = peft.get_peft_model(tiny_bert_cls(), theirs_cls(**kw))
-    perturb(pm, 8)
+    perturb(pm, 8, S)
     pm.eval()
     expected = output_of(pm, batch)
     pm.save_pretrained(str(tmp_path / "theirs"))
@@ -175,7 +153,7 @@ CONV_CASES = {
 def test_conv2d_matches_peft_both_ways(method, tmp_path):
     ours_cfg, theirs_cfg = CONV_CASES[method]
     pm = peft.get_peft_model(ConvNet(), theirs_cfg())
-    perturb(pm, 11)
+    perturb(pm, 11, S)
     pm.eval()
     unmerged_peft = pm(CONV_X)
     pm.save_pretrained(str(tmp_path / "theirs"))
@@ -192,7 +170,7 @@ def test_conv2d_matches_peft_both_ways(method, tmp_path):
     ours.merge_adapter()
     torch.testing.assert_close(ours(CONV_X), ref, atol=1e-5, rtol=0)
     mine = get_peft_model(ConvNet(), ours_cfg())
-    perturb(mine, 12)
+    perturb(mine, 12, S)
     mine.eval()
     expected = mine(CONV_X)
     mine.save_pretrained(str(tmp_path / "ours"))
@@ -205,7 +183,7 @@ def test_oft_on_1x1_conv_matches_peft_unmerged(tmp_path):
     """Where PEFT's unmerged OFT conv forward is exact (1x1 kernels) it agrees with ours unmerged."""
     cfg = dict(oft_block_size=4, target_modules=["conv1"])
     pm = peft.get_peft_model(ConvNet(), peft.OFTConfig(**cfg))
-    perturb(pm, 13)
+    perturb(pm, 13, S)
     pm.eval()
     ref = pm(CONV_X)
     pm.save_pretrained(str(tmp_path))
@@ -214,10 +192,10 @@ def test_oft_on_1x1_conv_matches_peft_unmerged(tmp_path):
 
 
 # ----- merging, training, mixed batches, save/load ---------------------------------------------
+# OFT and BOFT as such over the model families (identity, merging, training, two adapters, mixed
+# batches, save/load, PEFT parity) are rows of the table in tests/matrix.py; here: their variants.
 MODELS = {
-    "oft": (tiny_llama, lambda: OFTConfig(oft_block_size=8, target_modules=LLAMA_OFT)),
     "oft_exact": (tiny_llama, lambda: OFTConfig(oft_block_size=8, use_cayley_neumann=False, target_modules=LLAMA_OFT)),
-    "boft": (tiny_llama, lambda: BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=3, target_modules=LLAMA_BOFT)),
     "oft_conv": (ConvNet, lambda: OFTConfig(oft_block_size=8, target_modules=["conv1", "conv3", "head"])),
     "boft_conv": (ConvNet, lambda: BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2,
                                               target_modules=["conv1", "conv3", "head"])),
@@ -237,7 +215,7 @@ def test_identity_at_init_merge_exact_unmerge_restores(name):
     weights = {k: v.clone() for k, v in base.state_dict().items()}
     model = get_peft_model(base, make()).eval()
     torch.testing.assert_close(output_of(model, batch), plain, atol=1e-6, rtol=0)
-    perturb(model, 1)
+    perturb(model, 1, S)
     unmerged = output_of(model, batch)
     assert (unmerged - plain).abs().max() > 1e-3
     model.merge_adapter()
@@ -284,10 +262,10 @@ def test_mixed_batch_and_save_load_two_adapters(name, tmp_path):
     batch = _batch(base)
     plain = output_of(base, batch)
     model = get_peft_model(base, make()).eval()
-    perturb(model, 2)
+    perturb(model, 2, S)
     model.add_adapter("second", make())
     model.set_adapter("second")
-    perturb(model, 3)
+    perturb(model, 3, S)
     outs = {}
     for adapter in ("default", "second"):
         model.set_adapter(adapter)
@@ -352,7 +330,7 @@ def test_block_size_adjustment_follows_peft():
 
 def test_module_dropout_replaces_blocks_in_training_only():
     model = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=4, module_dropout=0.5, target_modules=["q_proj"]))
-    perturb(model, 9)
+    perturb(model, 9, S)
     delta = model.base_model.model.model.layers[0].self_attn.q_proj.deltas["default"]
     delta.train()
     eye = torch.eye(4)
@@ -366,7 +344,7 @@ def test_module_dropout_replaces_blocks_in_training_only():
 
 def test_coft_keeps_blocks_within_the_radius():
     model = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, coft=True, eps=1e-3, target_modules=["q_proj"]))
-    perturb(model, 10)
+    perturb(model, 10, S)
     delta = model.base_model.model.model.layers[0].self_attn.q_proj.deltas["default"]
     model(**inputs_for(model))
     radius = 1e-3 / 4 ** 0.5  # eps / sqrt(number of blocks)
