@@ -84,22 +84,19 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[Mapping[str
             adapter tensors are then taken from it instead of the live parameters.
         adapter_name: which adapter.
         unwrap_compiled: take ``model._orig_mod`` (a ``torch.compile`` wrapper's model).
-        save_embedding_layers: ``"auto"`` or ``False``. peftkit never changes base embeddings, so
-            it does not save copies of them (PEFT's ``"auto"`` adds the full embedding weight
-            of a targeted embedding layer; peftkit's loader accepts such files). ``True`` is
-            refused: train resized embeddings through ``modules_to_save`` instead.
+        save_embedding_layers: also return the base model's token embeddings, as PEFT does:
+            ``True``, ``False``, or ``"auto"`` (when ``target_modules`` names ``embed_tokens`` /
+            ``lm_head``, or the vocabulary was resized); see :mod:`peftkit.io.embedding_layers`.
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    if save_embedding_layers is True:
-        raise ValueError("save_embedding_layers=True is not supported: peftkit adapters never change the base "
-                         "embeddings, so there is nothing extra to save. To train (resized) embeddings in full, "
-                         "put them in modules_to_save; their copies are saved with the adapter.")
-    if save_embedding_layers not in ("auto", False):
-        raise ValueError(f"save_embedding_layers must be 'auto' or False, got {save_embedding_layers!r}.")
+    from .io import embedding_layers
+
     host, prefix = _host_and_prefix(model)
     host.check_known(adapter_name)
     tensors = host.adapter_state_dict(adapter_name)
+    if embedding_layers.should_save(save_embedding_layers, host.peft_config[adapter_name], host.model):
+        tensors.update(embedding_layers.embedding_tensors(host.peft_config[adapter_name], host.model))
     if state_dict is not None:
         tensors = _values_from(model, tensors, state_dict)
     return {_to_user_key(k, prefix): v for k, v in tensors.items()}

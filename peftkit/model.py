@@ -198,10 +198,14 @@ class PeftModel(nn.Module):
 
         The adapter named ``default`` goes to ``save_directory`` itself, any other to
         ``save_directory/<name>`` (Hugging Face PEFT's layout). Each file is replaced atomically.
+        ``save_embedding_layers`` (``"auto"``, ``True``, ``False``): also write the base's token
+        embeddings, as PEFT does when the vocabulary was resized or ``embed_tokens``/``lm_head`` is
+        a target (:mod:`peftkit.io.embedding_layers`).
         ``path_initial_model_for_weight_conversion``: for PiSSA/OLoRA adapters, the folder where the
         adapter was saved right after initialisation; the file written is then a plain LoRA of
         rank 2r that applies to the original, unmodified base model (as in Hugging Face PEFT).
         """
+        from .functional import get_peft_model_state_dict
         from .io.checkpoint import save_weights
         from .io.model_card import write_model_card
         from .io.saved_config import config_for_save
@@ -212,11 +216,10 @@ class PeftModel(nn.Module):
         for name in names:
             self.base_model.check_known(name)
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            tensors = self.get_adapter_state_dict(name)
-            if kwargs.get("state_dict") is not None:  # gathered elsewhere (accelerate + FSDP), as in PEFT
-                from .functional import get_peft_model_state_dict
-
-                tensors = get_peft_model_state_dict(self, kwargs["state_dict"], adapter_name=name)
+            # state_dict: gathered elsewhere (accelerate + FSDP), as in PEFT; save_embedding_layers:
+            # the base's resized token embeddings too (io/embedding_layers.py)
+            tensors = get_peft_model_state_dict(self, kwargs.get("state_dict"), adapter_name=name,
+                                                save_embedding_layers=kwargs.get("save_embedding_layers", "auto"))
             if not kwargs.get("is_main_process", True):
                 continue
             cfg = self.peft_config[name]

@@ -140,8 +140,6 @@ def test_unknown_adapter_and_wrong_model():
         peftkit.set_peft_model_state_dict(ours, peftkit.get_peft_model_state_dict(ours), adapter_name="other")
     with pytest.raises(TypeError, match="without peftkit adapters"):
         peftkit.get_peft_model_state_dict(tiny_llama())
-    with pytest.raises(ValueError, match="save_embedding_layers=True"):
-        peftkit.get_peft_model_state_dict(ours, save_embedding_layers=True)
 
 
 # ----- load_peft_weights -------------------------------------------------------------------

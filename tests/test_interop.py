@@ -63,7 +63,7 @@ def test_peftkit_saved_loads_in_peft(case, tmp_path):
 
     a = load_file(tmp_path / "adapter_model.safetensors")
     b = load_file(again / "adapter_model.safetensors")
-    b = {k: v for k, v in b.items() if not k.endswith("base_layer.weight")}  # peft's embedding copies
+    # both write a targeted embedding's base weight (save_embedding_layers="auto"), so all keys compare
     assert {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items() if k in a}
     assert set(b) <= set(a) | {k for k in b if ".original_module." in k or ".modules_to_save." in k}
 

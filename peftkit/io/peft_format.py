@@ -17,6 +17,7 @@ from ..core.inject import sites
 from ..core.method import is_placeholder
 from ..core.registry import get_method
 from .checkpoint import CheckpointError, tensors_in_buffer
+from .embedding_layers import check_shape, embedding_destinations
 
 PREFIX = "base_model.model."
 HOST_PREFIX = "base_model."
@@ -57,9 +58,6 @@ def _aliases(host, name: str) -> tuple[dict[str, str], set[str]]:
             for pname in site.deltas[name].module.state_dict():
                 alias[f"{PREFIX}{path}.modules_to_save.{pname}"] = f"{PREFIX}{path}.{pname}"
                 ignore.add(f"{PREFIX}{path}.original_module.{pname}")
-        elif isinstance(getattr(site.base_layer, "weight", None), torch.nn.Parameter):
-            # PEFT saves the full embedding weight of targeted embeddings (resized vocabularies)
-            ignore.add(f"{PREFIX}{path}.base_layer.weight")
     return alias, ignore
 
 
@@ -74,14 +72,16 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
     for k, v in method.extra_state(host, host.peft_config[name], name).items():
         expected[_extra_key(k)] = v
     alias, ignore = _aliases(host, name)
+    embeddings = embedding_destinations(host.model)  # save_embedding_layers: base tensors, loaded too
     plan, seen = [], set()
     for key, value in sorted(tensors.items()):
         key = alias.get(key, key)
         if key in ignore:
-            if key.endswith(".base_layer.weight"):  # PEFT's copy of a targeted embedding's weight
-                dest = host.model.get_parameter(key[len(PREFIX):])
-                if dest.shape == value.shape:
-                    plan.append((dest, value))
+            continue
+        if key in embeddings and key not in expected:
+            if (problem := check_shape(key, embeddings[key], value, source)) is not None:
+                raise CheckpointError(problem)
+            plan.append((embeddings[key], value))
             continue
         if key not in expected:
             sample = ", ".join(sorted(expected)[:3])
