@@ -267,13 +267,14 @@ def test_quantize_trains_an_adapter_on_a_packed_base(mode, model_dir, datasets, 
 def test_inspect_names_the_adapted_modules_for_every_method(method, tmp_path):
     """inspect asks each method which names begin its on-disk keys, instead of guessing from
     prefixes: bottleneck adapters and LN tuning name their modules, not adapter_down/ln_tuning_layers."""
-    from test_methods import METHODS, build
+    from conftest import tiny_llama
+    from matrix import cell
 
     from peftkit import get_peft_model
     from peftkit.core.site import Site
     from peftkit.train.tools import describe
 
-    base, cfg = build(method, "llama")
+    base, cfg = tiny_llama(), cell(method, "llama").config()
     model = get_peft_model(base, cfg)
     model.save_pretrained(str(tmp_path))
     adapted = {p.rsplit(".", 1)[-1] for p, m in model.base_model.model.named_modules() if isinstance(m, Site)}

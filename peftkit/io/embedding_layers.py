@@ -46,7 +46,8 @@ def _embedding_is_targeted(config, model: nn.Module) -> bool:
 
 def _vocab_was_resized(config, model: nn.Module) -> bool:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    model_id = getattr(config, "base_model_name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    model_id = getattr(config, "base_model_name_or_path", None) or getattr(getattr(model, "config", None),
+                                                                           "_name_or_path", None)
     if not (vocab and model_id):
         return False
     if not os.path.isfile(os.path.join(model_id, "config.json")):

@@ -105,7 +105,14 @@ def _name_map(arch: str, n_layer: int):
 def _lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     pairs: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
+        if re.fullmatch(r".+\.(embed_tokens|lm_head)\.base_layer\.weight", key):
+            continue  # the base's own weight of an adapted embedding (save_embedding_layers): in the base GGUF
         m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
+        if m is None and re.fullmatch(r".+\.(embed_tokens|lm_head)\.weight", key):
+            raise GGUFExportError(
+                f"{key!r}: the adapter carries the base's token embeddings (saved with save_embedding_layers after "
+                "resizing the vocabulary); a llama.cpp adapter cannot change the base's vocabulary. Merge the "
+                "adapter into the resized base (merge_and_unload) and convert that model instead.")
         if m is None:
             raise GGUFExportError(
                 f"{key!r} is not a LoRA A/B tensor; llama.cpp adapters hold only LoRA pairs (no DoRA "
