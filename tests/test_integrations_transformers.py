@@ -236,6 +236,9 @@ rank = int(os.environ.get("RANK", 0))
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"digest": h.hexdigest(), "world": int(os.environ.get("WORLD_SIZE", 1)),
                "steps": trainer.state.global_step}, f)
+if torch.distributed.is_initialized():  # close gloo before exit: its threads can abort at teardown
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 
