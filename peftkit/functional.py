@@ -8,7 +8,7 @@ PeftModel around it. Names, arguments and results follow PEFT 0.21.
 
 Nothing here re-implements the format: keys, checks and copies come from
 :mod:`peftkit.io.peft_format` and :mod:`peftkit.io.checkpoint`, injection from
-:class:`peftkit.core.host.AdapterHost`, checks and errors from the host.
+:class:`peftkit.core.adapter_host.AdapterHost`, checks and errors from the host.
 
 Keys: on a :class:`~peftkit.model.PeftModel` they read ``base_model.model.<path>.<suffix>``
 (prompt methods: ``prompt_embeddings``, as PEFT writes them). On a model returned by
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .core.host import AdapterHost, Host, IncompatibleKeys, method_kind
+from .core.adapter_host import AdapterHost
+from .core.host import Host, IncompatibleKeys, method_kind
 from .io.checkpoint import CheckpointError, load_tensors
 from .io.peft_format import HOST_PREFIX, PREFIX, apply_plan
 from .model import PeftModel

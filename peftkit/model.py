@@ -1,7 +1,7 @@
 """PeftModel: the user-facing wrapper (forward, generate, adapters, merging, save/load).
 
 The structure mirrors Hugging Face PEFT so that parameter paths and habits carry over:
-``peft_model.base_model`` is the host (:mod:`peftkit.core.host`: ``AdapterHost`` for layer
+``peft_model.base_model`` is the host (:mod:`peftkit.core.adapter_host`: ``AdapterHost`` for layer
 methods, ``PromptHost`` for prompt methods) and ``peft_model.base_model.model`` the user's model.
 PeftModel only forwards to the host, which owns the adapter lifecycle. Task subclasses only add
 task defaults (classification heads trained in full).

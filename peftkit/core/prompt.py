@@ -11,7 +11,7 @@ their own interface here:
   ``num_key_value_heads`` heads, so grouped-query attention works);
 - :class:`PromptMethod`, the hooks a method implements: build and remove one adapter's state,
   activation, its trainable parameters, its saved form, ``forward`` and ``generate``;
-- :class:`PromptHost`, which stands where :class:`~peftkit.core.host.AdapterHost` stands for
+- :class:`PromptHost`, which stands where :class:`~peftkit.core.adapter_host.AdapterHost` stands for
   site methods (``peft_model.base_model``) and offers the same management calls (inject,
   set_adapter, delete_adapter, disabled, unload, save/load plans), plus task heads
   (``modules_to_save``) as Sites.
