@@ -64,16 +64,19 @@ def _output_module(model: nn.Module) -> Optional[nn.Module]:
     return out.base_layer if isinstance(out, Site) else out
 
 
+def _target_spec_matches(config, path: str, module: nn.Module, model: nn.Module) -> bool:
+    """Whether ``target_modules`` alone (before ``exclude_modules``) selects ``module``."""
+    tm = getattr(config, "target_modules", None)
+    if tm == "all-linear":
+        return isinstance(module, linear_types()) and module is not _output_module(model)
+    return _name_matches(tm, path)
+
+
 def matches_targets(config, path: str, module: nn.Module, model: nn.Module) -> bool:
     """Whether ``module`` (at dotted ``path`` in ``model``) is selected by ``config``."""
     if isinstance(module, Site):
         module = module.base_layer
-    tm = getattr(config, "target_modules", None)
-    if tm == "all-linear":
-        found = isinstance(module, linear_types()) and module is not _output_module(model)
-    else:
-        found = _name_matches(tm, path)
-    if not found or _name_matches(getattr(config, "exclude_modules", None), path):
+    if not _target_spec_matches(config, path, module, model) or _name_matches(getattr(config, "exclude_modules", None), path):
         return False
     layers = getattr(config, "layers_to_transform", None)
     if layers is not None:
@@ -106,13 +109,6 @@ def iter_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
                     continue
                 child = child.base_layer
             stack.append((path, child))
-
-
-def _target_spec_matches(config, path: str, module: nn.Module, model: nn.Module) -> bool:
-    tm = getattr(config, "target_modules", None)
-    if tm == "all-linear":
-        return isinstance(module, linear_types()) and module is not _output_module(model)
-    return _name_matches(tm, path)
 
 
 def excluded_paths(config, model: nn.Module) -> list[str]:

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from ..core.site import Site
+from .peft_format import PREFIX
 
 #: Module names PEFT treats as the token embeddings (its ``EMBEDDING_LAYER_NAMES``).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-PREFIX = "base_model.model."
 
 
 def _embedding_is_targeted(config, model: nn.Module) -> bool:
@@ -80,15 +80,20 @@ def should_save(save_embedding_layers: Union[bool, str], config, model: nn.Modul
     return False
 
 
-def _embeddings(model: nn.Module) -> list[nn.Module]:
+def _embedding_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module, str]]:
+    """(layer, module holding the weights, its path) for the input and output embeddings; the
+    module is a Site's base layer when the embedding holds an adapter."""
+    paths = {id(m): p for p, m in model.named_modules()}
     out = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         try:
             layer = getattr(model, getter)()
         except Exception:  # not a transformers model, or no such layer
             layer = None
-        if layer is not None and all(layer is not seen for seen in out):
-            out.append(layer)
+        if layer is None or id(layer) not in paths or any(layer is seen for seen, _, _ in out):
+            continue
+        path = paths[id(layer)]
+        out.append((layer, layer.base_layer, f"{path}.base_layer") if isinstance(layer, Site) else (layer, layer, path))
     return out
 
 
@@ -100,18 +105,11 @@ def embedding_tensors(config, model: nn.Module) -> dict[str, torch.Tensor]:
                       UserWarning, stacklevel=3)
         return {}
     targeted = _embedding_is_targeted(config, model)
-    paths = {id(m): p for p, m in model.named_modules()}
     out, seen = {}, set()
-    for layer in _embeddings(model):
-        if isinstance(layer, Site):
-            if not isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
-                continue
-            module, path = layer.base_layer, f"{paths[id(layer)]}.base_layer"
-        elif targeted:  # PEFT writes only the adapted embeddings then
+    for layer, module, path in _embedding_modules(model):
+        if isinstance(layer, Site) and not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
-        else:
-            module, path = layer, paths.get(id(layer))
-        if path is None:
+        if targeted and not isinstance(layer, Site):  # PEFT writes only the adapted embeddings then
             continue
         for name, t in module.state_dict().items():
             t = t.detach()
@@ -125,16 +123,8 @@ def embedding_tensors(config, model: nn.Module) -> dict[str, torch.Tensor]:
 def embedding_destinations(model: nn.Module) -> dict[str, torch.Tensor]:
     """Keys (``base_model.model.``-prefixed) under which a file may carry base embedding tensors,
     each with the tensor of ``model`` it loads into."""
-    paths = {id(m): p for p, m in model.named_modules()}
-    out = {}
-    for layer in _embeddings(model):
-        module, path = (layer.base_layer, f"{paths.get(id(layer))}.base_layer") if isinstance(layer, Site) \
-            else (layer, paths.get(id(layer)))
-        if paths.get(id(layer)) is None:
-            continue
-        for name, t in module.state_dict(keep_vars=True).items():
-            out[f"{PREFIX}{path}.{name}"] = t
-    return out
+    return {f"{PREFIX}{path}.{name}": t for _, module, path in _embedding_modules(model)
+            for name, t in module.state_dict(keep_vars=True).items()}
 
 
 def check_shape(key: str, dest: torch.Tensor, value: torch.Tensor, source: str) -> Optional[str]:

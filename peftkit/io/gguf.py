@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from .checkpoint import load_tensors
+from .embedding_layers import EMBEDDING_LAYER_NAMES
+from .peft_format import PREFIX
 
-PREFIX = "base_model.model."
 _PERMUTED_ARCHS = ("llama",)  # llama.cpp's converter permutes Q/K for these
 
 
@@ -102,13 +103,16 @@ def _name_map(arch: str, n_layer: int):
     return gguf.get_tensor_name_map(match[0], int(n_layer))
 
 
+_EMBEDDINGS = "|".join(EMBEDDING_LAYER_NAMES)  # the base's token embeddings (save_embedding_layers)
+
+
 def _lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     pairs: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
-        if re.fullmatch(r".+\.(embed_tokens|lm_head)\.base_layer\.weight", key):
+        if re.fullmatch(rf".+\.({_EMBEDDINGS})\.base_layer\.weight", key):
             continue  # the base's own weight of an adapted embedding (save_embedding_layers): in the base GGUF
         m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
-        if m is None and re.fullmatch(r".+\.(embed_tokens|lm_head)\.weight", key):
+        if m is None and re.fullmatch(rf".+\.({_EMBEDDINGS})\.weight", key):
             raise GGUFExportError(
                 f"{key!r}: the adapter carries the base's token embeddings (saved with save_embedding_layers after "
                 "resizing the vocabulary); a llama.cpp adapter cannot change the base's vocabulary. Merge the "

@@ -17,7 +17,6 @@ from ..core.inject import sites
 from ..core.method import is_placeholder
 from ..core.registry import get_method
 from .checkpoint import CheckpointError, tensors_in_buffer
-from .embedding_layers import check_shape, embedding_destinations
 
 PREFIX = "base_model.model."
 HOST_PREFIX = "base_model."
@@ -72,6 +71,8 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
     for k, v in method.extra_state(host, host.peft_config[name], name).items():
         expected[_extra_key(k)] = v
     alias, ignore = _aliases(host, name)
+    from .embedding_layers import check_shape, embedding_destinations  # it reads PREFIX from here
+
     embeddings = embedding_destinations(host.model)  # save_embedding_layers: base tensors, loaded too
     plan, seen = [], set()
     for key, value in sorted(tensors.items()):
