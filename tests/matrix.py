@@ -26,7 +26,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 from conftest import FAMILIES
-from peftkit import (AdaLoraConfig, AdaptionPromptConfig, BitFitConfig, BOFTConfig, BottleneckConfig, CheckpointError,
+from peftkit import (AdaLoraConfig, AdaptionPromptConfig, BitFitConfig, BOFTConfig, BottleneckConfig,
                      ConfigError, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
                      PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TrainableTokensConfig, VeraConfig)
 from peftkit.core.site import Site
@@ -138,11 +138,6 @@ def _prompt(name, peft_type, make, **kw):
 GENERATES = ("llama", "gpt2", "neox", "t5")  # the families with generate(): the decoders and T5
 PEFT_LYCORIS_CONV1D = "peft 0.21's LoHa and LoKr refuse transformers' Conv1D (GPT-2's layers)"
 LN_NEOX = ["input_layernorm", "post_attention_layernorm", "final_layer_norm"]  # LN tuning has no NeoX default
-T5_TOKENS_BUG = (  # a bug in peftkit/methods/trainable_tokens.py, found by this table
-    "T5's encoder and decoder call their own embed_tokens modules (the weight is shared.weight, the modules are "
-    "not shared); peftkit adapts only `shared` and the tied `lm_head`, so unmerged the trained rows never reach "
-    "the encoder/decoder inputs: the unmerged output differs from the merged one and from PEFT's on the same "
-    "weights, and PEFT's file (which also holds encoder.embed_tokens and decoder.embed_tokens) is refused")
 PEFT_BERT_PREFIX = "peft 0.21 cannot run prefix tuning on BERT under transformers 5 ('Model does not support " \
                    "past key values'); checked on the peftkit side from first principles (test_prompts.py)"
 
@@ -151,6 +146,7 @@ ROWS = [
     Row("lora", "LORA", _lora()),
     Row("rslora", "LORA", _lora(use_rslora=True)),
     Row("dora", "LORA", _lora(use_dora=True)),
+    Row("lora_tokens", "LORA", _lora(trainable_token_indices=TOKENS), in_batch=tuple(TOKENS)),
     Row("lora_dropout", "LORA", _lora(lora_dropout=0.1), modes=("single", "train"),
         why_fewer_modes="plain LoRA with dropout on its input: only the dropout's own path (identity in eval, "
                         "training through it) is new; the rest is the lora row's"),
@@ -188,9 +184,7 @@ ROWS = [
     Row("bitfit", "BITFIT", lambda fam: BitFitConfig(), refuses={"llama": NO_BIAS, "t5": NO_BIAS},
         peft_cannot={f: "peft has no BitFit" for f in FAMILIES}),
     Row("trainable_tokens", "TRAINABLE_TOKENS", lambda fam: TrainableTokensConfig(token_indices=TOKENS),
-        in_batch=tuple(TOKENS),
-        known_bugs={("t5", "single"): (AssertionError, T5_TOKENS_BUG),
-                    ("t5", "peft"): (CheckpointError, T5_TOKENS_BUG)}),
+        in_batch=tuple(TOKENS)),
     # ----- bottleneck adapters (peftkit's own file format) ---------------------------------------
     Row("houlsby", "BOTTLENECK", lambda fam: BottleneckConfig(adapter_type="houlsby", reduction_factor=4),
         merge=NOT_MERGEABLE, peft_cannot={f: "peft has no bottleneck adapters" for f in FAMILIES}),

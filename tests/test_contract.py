@@ -315,6 +315,24 @@ def test_from_pretrained_for_inference_is_in_eval_mode_and_trainable_is_not(tmp_
     assert got[peftkit][:2] == [False, False]
 
 
+def test_set_requires_grad_trains_an_adapter_loaded_for_inference(tmp_path):
+    """An inference load is packed in peftkit; set_requires_grad gives it parameters again, so the
+    same tensors train as in PEFT (and get gradients). set_adapter alone leaves it frozen in
+    peftkit, where PEFT unfreezes it (a documented difference)."""
+    got = {}
+    for lib in LIBS:
+        folder = saved(lib, tmp_path)
+        model = lib.PeftModel.from_pretrained(mlp(), folder)
+        model.set_adapter("default")
+        after_set = trainable(model)
+        model.set_requires_grad("default")
+        model(X).sum().backward()
+        grads = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        got[lib] = (after_set, trainable(model), grads)
+    assert got[peftkit][1:] == got[peft][1:] and got[peft][1] and got[peft][2]
+    assert got[peftkit][0] == [] and got[peft][0] == got[peft][1]
+
+
 def test_load_adapter_returns_the_load_result_and_sets_eval_like_peft(tmp_path):
     got = {}
     for lib in LIBS:

@@ -241,3 +241,137 @@ def test_gpt2_wte_and_its_tied_head_both_ways(lora, tmp_path):
     back = peft.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(output_of(back, batch), ref, atol=1e-5, rtol=1e-5)
     assert _keys(tmp_path / "ours") == _keys(tmp_path / "theirs")
+
+
+# ----- T5: one weight, four modules (shared, encoder/decoder embed_tokens, lm_head) -------------------
+T5_CASES = {
+    "tokens": lambda L: L.TrainableTokensConfig(token_indices=IDS),
+    "lora_list": lambda L: L.LoraConfig(r=2, target_modules=["q"], trainable_token_indices=IDS),
+    "lora_dict_shared": lambda L: L.LoraConfig(r=2, target_modules=["q"], trainable_token_indices={"shared": IDS}),
+    # a dict key names every module ending in it: both embed_tokens, each with rows of its own (no tying)
+    "lora_dict_embed_tokens": lambda L: L.LoraConfig(r=2, target_modules=["q"],
+                                                     trainable_token_indices={"embed_tokens": IDS}),
+}
+
+
+def _t5_batch(model):
+    batch = _ids_batch(model)
+    batch["decoder_input_ids"][1, :2] = torch.tensor(IDS[:2])  # the decoder sees trained tokens too
+    return batch
+
+
+@pytest.mark.parametrize("case", sorted(T5_CASES))
+def test_t5_encoder_and_decoder_see_the_rows_as_in_peft(case, tmp_path):
+    """T5's encoder and decoder call their own embed_tokens (same weight as ``shared``): the rows
+    reach both, unmerged equals merged, and files and outputs equal PEFT's both ways."""
+    from conftest import tiny_t5
+
+    pm = peft.get_peft_model(tiny_t5(), T5_CASES[case](peft))
+    perturb(pm, 5, scale=0.5)
+    pm.eval()
+    batch = _t5_batch(pm)
+    ref = output_of(pm, batch)
+    assert (ref - output_of(tiny_t5(), batch)).abs().max() > 1e-3
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    ours = PeftModel.from_pretrained(tiny_t5(), str(tmp_path / "theirs")).eval()
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    assert _keys(tmp_path / "ours") == _keys(tmp_path / "theirs")
+    back = peft.PeftModel.from_pretrained(tiny_t5(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(output_of(back, batch), ref, atol=1e-5, rtol=1e-5)
+    if case != "lora_dict_embed_tokens":  # untied rows of their own cannot merge into one weight consistently
+        fresh = get_peft_model(tiny_t5(), T5_CASES[case](__import__("peftkit")))
+        fresh.load_adapter(str(tmp_path / "theirs"), "default", is_trainable=True)
+        fresh.eval()
+        unmerged = output_of(fresh, batch)
+        fresh.merge_adapter()
+        torch.testing.assert_close(output_of(fresh, batch), unmerged, atol=1e-5, rtol=1e-5)
+        fresh.unmerge_adapter()
+        torch.testing.assert_close(output_of(fresh, batch), unmerged, atol=1e-5, rtol=1e-5)  # LoRA: float rounding
+
+
+def test_t5_tied_rows_train_once(tmp_path):
+    """One tensor D trains for all four modules: a gradient flows from encoder, decoder and head."""
+    from conftest import tiny_t5
+
+    model = get_peft_model(tiny_t5(), TrainableTokensConfig(token_indices=IDS))
+    params = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert params == ["base_model.model.shared.deltas.default.rows"]
+    batch = _t5_batch(model)
+    (rows,) = [p for p in model.parameters() if p.requires_grad]
+    for keep in ("encoder", "decoder"):  # each input path alone gives D a gradient
+        rows.grad = None
+        out = model(**batch, output_hidden_states=True)
+        h = out.encoder_last_hidden_state if keep == "encoder" else out.decoder_hidden_states[0]
+        h.sum().backward()
+        assert rows.grad is not None and rows.grad.abs().sum() > 0, keep
+
+
+def test_older_t5_file_without_the_encoder_decoder_copies_loads(tmp_path):
+    """Files peftkit wrote before the encoder/decoder copies (shared + lm_head only) still load:
+    the copies repeat the embedding's rows, so they are accepted but not required."""
+    from safetensors.torch import save_file
+    from conftest import tiny_t5
+
+    model = get_peft_model(tiny_t5(), TrainableTokensConfig(token_indices=IDS))
+    perturb(model, 2, scale=0.5)
+    model.eval()
+    batch = _t5_batch(model)
+    ref = output_of(model, batch)
+    model.save_pretrained(str(tmp_path))
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k for k in tensors if "embed_tokens" in k} == {
+        "base_model.model.encoder.embed_tokens.trainable_tokens_delta",
+        "base_model.model.decoder.embed_tokens.trainable_tokens_delta"}
+    save_file({k: v for k, v in tensors.items() if "embed_tokens" not in k}, str(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(tiny_t5(), str(tmp_path)).eval()
+    torch.testing.assert_close(output_of(loaded, batch), ref, atol=1e-6, rtol=0)
+    bad = {**tensors, "base_model.model.lm_head.trainable_tokens_delta": torch.zeros(2, 32)}
+    save_file(bad, str(tmp_path / "adapter_model.safetensors"))
+    from peftkit import CheckpointError
+
+    with pytest.raises(CheckpointError, match="lm_head.trainable_tokens_delta.*shape"):
+        PeftModel.from_pretrained(tiny_t5(), str(tmp_path))
+
+
+def test_second_adapters_rows_are_frozen_until_it_is_active():
+    """add_adapter with trainable_token_indices: the new rows do not train while another adapter is active."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=IDS))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2]))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
+    model.set_adapter("other")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "embed_tokens.deltas.other.rows" in n)
+    model.delete_adapter("other")  # its rows leave the bookkeeping with it
+    model.set_adapter("default")
+    assert any(p.requires_grad for n, p in model.named_parameters() if "embed_tokens.deltas.default.rows" in n)
+
+
+TIE_WARN_CASES = {
+    "tt_default": lambda L: L.TrainableTokensConfig(token_indices=[1, 5]),
+    "tt_embed": lambda L: L.TrainableTokensConfig(token_indices=[1, 5], target_modules=["embed_tokens"]),
+    "lora_embed": lambda L: L.LoraConfig(target_modules=["embed_tokens"]),
+    "lora_lm_head": lambda L: L.LoraConfig(target_modules=["lm_head", "q_proj"]),
+    "lora_modules_to_save": lambda L: L.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "lora_tokens": lambda L: L.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 5]),
+    "ia3_lm_head": lambda L: L.IA3Config(target_modules=["lm_head", "down_proj"], feedforward_modules=["down_proj"]),
+}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("case", sorted(TIE_WARN_CASES))
+def test_tied_layer_warning_as_peft(case, tied):
+    """PEFT warns when target_modules/modules_to_save name embed_tokens or lm_head on a tied model
+    (LoRA's message names ensure_weight_tying); peftkit gives the same warnings in the same cases."""
+    import warnings
+
+    import peftkit
+
+    got = {}
+    for lib in (peft, peftkit):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lib.get_peft_model(tiny_llama(tie_word_embeddings=tied), TIE_WARN_CASES[case](lib))
+        got[lib] = [str(w.message) for w in caught if "tie_word_embeddings" in str(w.message)]
+    assert got[peftkit] == got[peft]
+    assert bool(got[peft]) == (tied and case not in ("tt_default", "lora_tokens"))

@@ -110,9 +110,17 @@ class AdapterHost(Host):
         self._params[name] = list(params.values())
         for p in self._params[name]:
             p.requires_grad_(False)
+        # tensors after_inject made trainable outside the Sites above (a second adapter's token
+        # rows): frozen too; set_adapter then enables what the active adapters train
+        for pname in self.trainable_base.get(name, ()):
+            self.model.get_parameter(pname).requires_grad_(False)
 
     def _drop(self, name: str, config) -> None:
-        self.trainable_base.pop(name, None)
+        for pname in self.trainable_base.pop(name, ()):  # tensors that left with the adapter's Deltas
+            try:
+                self.model.get_parameter(pname)
+            except AttributeError:
+                self._base_on.discard(pname)
         self._params.pop(name, None)
         self._train_on.discard(name)
 
@@ -160,6 +168,14 @@ class AdapterHost(Host):
         for pname in base:
             self.model.get_parameter(pname).requires_grad_(True)
         self._base_on = base
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """As :meth:`Host.set_requires_grad`; a packed inference adapter, which has no parameters
+        to switch on, first gets Delta modules of its own (:meth:`unpack`), so it does train."""
+        if requires_grad:
+            for n in self.check_known(adapter_names):
+                self.unpack(n)
+        super().set_requires_grad(adapter_names, requires_grad)
 
     def _adapter_params(self, name: str) -> list[nn.Parameter]:
         return list(self._params.get(name, ()))

@@ -30,6 +30,7 @@ from .method import is_placeholder, weights_from_checkpoint
 from .packed import STORE_KEY
 from .registry import get_method
 from .site import BASE, Site
+from .tied import warn_tied_targets
 
 #: What loading adapter weights returns, as torch's ``load_state_dict`` (and PEFT's loaders) do.
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
@@ -148,6 +149,8 @@ class Host(nn.Module):
         """
         self.check_new(adapter_name, config)
         method = get_method(config.peft_type)
+        if method.kind == "site":
+            warn_tied_targets(config, self.model)  # on the user's config, before defaults, as PEFT
         config = method.prepare(self._with_task_heads(config, task_heads), self.model)
         try:
             made = self._add(adapter_name, config, method)

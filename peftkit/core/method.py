@@ -143,6 +143,11 @@ class Method:
         """Tensors saved with the adapter that live outside its Deltas (keys under the model)."""
         return {}
 
+    def tied_copies(self, host: nn.Module, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Tensors PEFT writes that repeat another of the adapter's tensors (a tied layer's copy of
+        the embedding's rows): saved, loaded when a file has them, not required (keys under the model)."""
+        return {}
+
     def host_api(self) -> dict[str, Callable[..., Any]]:
         """Functions offered as ``peft_model.base_model.<name>(...)`` while an adapter of this
         method is loaded; each is called with the host first (AdaLoRA's ``update_and_allocate``)."""

@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from ..core.site import Site
+from ..core.tied import EMBEDDING_LAYER_NAMES
 from .peft_format import PREFIX
 
-#: Module names PEFT treats as the token embeddings (its ``EMBEDDING_LAYER_NAMES``).
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def _embedding_is_targeted(config, model: nn.Module) -> bool:

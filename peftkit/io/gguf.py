@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_tensors
-from .embedding_layers import EMBEDDING_LAYER_NAMES
+from ..core.tied import EMBEDDING_LAYER_NAMES
 from .peft_format import PREFIX
 
 _PERMUTED_ARCHS = ("llama",)  # llama.cpp's converter permutes Q/K for these

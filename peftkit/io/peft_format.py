@@ -35,8 +35,8 @@ def _delta_entries(host, name: str) -> Iterator[tuple[str, torch.Tensor]]:
 def adapter_state_dict(host, name: str) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors under Hugging Face PEFT's keys."""
     out = {k: v.detach() for k, v in _delta_entries(host, name)}
-    method = get_method(host.peft_config[name].peft_type)
-    for k, v in method.extra_state(host, host.peft_config[name], name).items():
+    method, config = get_method(host.peft_config[name].peft_type), host.peft_config[name]
+    for k, v in {**method.extra_state(host, config, name), **method.tied_copies(host, config, name)}.items():
         out[_extra_key(k)] = v.detach()
     return out
 
@@ -67,9 +67,10 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
     unexpected or wrongly shaped tensor is named in the error.
     """
     expected = dict(_delta_entries(host, name))
-    method = get_method(host.peft_config[name].peft_type)
-    for k, v in method.extra_state(host, host.peft_config[name], name).items():
+    method, config = get_method(host.peft_config[name].peft_type), host.peft_config[name]
+    for k, v in method.extra_state(host, config, name).items():
         expected[_extra_key(k)] = v
+    optional = {_extra_key(k): v for k, v in method.tied_copies(host, config, name).items()}
     alias, ignore = _aliases(host, name)
     from .embedding_layers import check_shape, embedding_destinations  # it reads PREFIX from here
 
@@ -78,6 +79,11 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
     for key, value in sorted(tensors.items()):
         key = alias.get(key, key)
         if key in ignore:
+            continue
+        if key in optional and key not in expected:  # a tied copy of rows the file holds under their own key
+            if tuple(optional[key].shape) != tuple(value.shape):
+                raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(value.shape)} but this model "
+                                      f"needs {tuple(optional[key].shape)}; load it onto the base it was trained on.")
             continue
         if key in embeddings and key not in expected:
             if (problem := check_shape(key, embeddings[key], value, source)) is not None:

@@ -31,6 +31,7 @@ from ..core.inject import attach, detach, iter_candidates
 from ..core.method import Delta, Method, UnsupportedSite
 from ..core.registry import register_method
 from ..core.site import Site
+from ..core.tied import input_embedding_path, tied_paths, unwrap
 from ._shared import adapter_dtype
 
 
@@ -166,101 +167,68 @@ class WrappedTokenRows(TokenRows):
 
 
 # ----- where the rows go ---------------------------------------------------------------------
-def _unwrap(m):
-    return m.base_layer if isinstance(m, Site) else m
-
-
-def _path_of(model: nn.Module, module: nn.Module) -> Optional[str]:
-    for path, m in iter_candidates(model):
-        if m is module or _unwrap(m) is module:
-            return path
-    return None
-
-
-def input_embedding_path(model: nn.Module, default: str = "embed_tokens") -> str:
-    """Dotted path of ``model.get_input_embeddings()`` (``default`` when the model has none)."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = None
-    if get is not None:
-        try:
-            emb = _unwrap(get())
-        except (NotImplementedError, AttributeError):
-            emb = None
-    path = _path_of(model, emb) if emb is not None else None
-    return path or default
-
-
-def tied_head_path(model: nn.Module) -> Optional[str]:
-    """Path of the output head whose weight is the input embedding's (``tie_word_embeddings``)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not getattr(cfg, "tie_word_embeddings", False):
-        return None
-    try:
-        emb, out = _unwrap(model.get_input_embeddings()), _unwrap(model.get_output_embeddings())
-    except (AttributeError, NotImplementedError):
-        return None
-    if out is None or emb is None or getattr(out, "weight", None) is not getattr(emb, "weight", None):
-        return None
-    return _path_of(model, out)
-
-
-def _find(model: nn.Module, name: str) -> str:
-    """The one module path equal to ``name`` or ending in ``.name`` (clear error otherwise)."""
+def _find_all(model: nn.Module, name: str) -> list[str]:
+    """Every module path equal to ``name`` or ending in ``.name``, as PEFT's ``trainable_token_indices``
+    dict keys match (T5's ``embed_tokens`` names both the encoder's and the decoder's)."""
     hits = [p for p, _ in iter_candidates(model) if p == name or p.endswith("." + name)]
     if not hits:
         raise ValueError(f"trainable_token_indices names {name!r}, but the model has no such module; "
                          f"its input embedding is {input_embedding_path(model)!r}.")
-    return hits[0]
+    return hits
 
 
-def _tie(host, adapter_name: str, owner_path: str, cls) -> Optional[str]:
-    """Put a tied head Delta (sharing the owner's rows) on the tied output head; its path or None."""
+def _tie(host, adapter_name: str, owner_path: str, cls) -> list[str]:
+    """Put tied Deltas (sharing the owner's rows) on every module tied to the input embedding
+    (:func:`tied_paths`); the paths that got one. Nothing is tied unless the owner, at
+    ``owner_path``, is the input embedding and holds rows of this adapter."""
     model = host.model
-    head = tied_head_path(model)
-    if head is None or head == owner_path:
-        return None
+    if owner_path != input_embedding_path(model):
+        return []
     owner_site = model.get_submodule(owner_path)
     owner = owner_site.deltas._modules.get(adapter_name) if isinstance(owner_site, Site) else None
-    if not isinstance(owner, TokenRows):
-        return None
-    current = model.get_submodule(head)
-    if isinstance(current, Site) and adapter_name in current.deltas:
-        current.remove(adapter_name)  # explicitly targeted too: it becomes the tied version
-    base = _unwrap(current)
-    attach(model, head, adapter_name, cls(base, owner.index.tolist(), owner=owner))
-    return head
+    if not isinstance(owner, TokenRows) or owner._owner:
+        return []
+    done = []
+    for path in tied_paths(model):
+        current = model.get_submodule(path)
+        if isinstance(current, Site) and adapter_name in current.deltas:
+            current.remove(adapter_name)  # explicitly targeted too: it becomes the tied version
+        attach(model, path, adapter_name, cls(unwrap(current), owner.index.tolist(), owner=owner))
+        done.append(path)
+    return done
 
 
 def attach_token_rows(host, config, adapter_name: str) -> None:
-    """``LoraConfig.trainable_token_indices``: add the rows at their embeddings (and tied head).
+    """``LoraConfig.trainable_token_indices``: add the rows at their embeddings (and tied layers).
 
-    Their parameters train with the adapter (listed in the host's ``trainable_base``). Called by
-    the LoRA method after its own sites exist; on error nothing of this is left behind.
+    As PEFT: a dict key names every module ending in it; the tied layers (:func:`tied_paths`)
+    follow the input embedding's rows unless the config lists one of them with other ids. Their
+    parameters train with the adapter (listed in the host's ``trainable_base``). Called by the
+    LoRA method after its own sites exist; on error nothing of this is left behind.
     """
     spec = config.trainable_token_indices
     if spec is None:
         return
     model = host.model
-    targets = dict(spec) if isinstance(spec, dict) else {input_embedding_path(model): spec}
-    paths = {name: _find(model, name) for name in targets}
-    head = tied_head_path(model)
     emb = input_embedding_path(model)
-    tie = head is not None and emb in paths.values()
-    if tie and head in paths.values():  # both tied layers listed: tie only if their ids agree
-        by_path = {p: targets[n] for n, p in paths.items()}
-        tie = by_path[head] == by_path[emb]
-        if tie:
-            paths = {n: p for n, p in paths.items() if p != head}
+    targets = dict(spec) if isinstance(spec, dict) else {emb: spec}
+    paths = {name: _find_all(model, name) for name in targets}
+    tied = set(tied_paths(model))
+    in_group = [n for n, ps in paths.items() if any(p in tied or p == emb for p in ps)]
+    tie = any(emb in paths[n] for n in in_group)
+    if tie and len({tuple(targets[n]) for n in in_group}) > 1:
+        tie = False  # tied layers listed with other ids: each keeps its own rows, as in PEFT
+    if tie:  # listed tied layers become tied versions of the embedding's rows
+        paths = {n: [p for p in ps if p not in tied] for n, ps in paths.items()}
     done = []
     try:
-        for name, path in paths.items():
-            base = _unwrap(model.get_submodule(path))
-            attach(model, path, adapter_name, WrappedTokenRows(base, targets[name]))
-            done.append(path)
+        for name, ps in paths.items():
+            for path in ps:
+                base = unwrap(model.get_submodule(path))
+                attach(model, path, adapter_name, WrappedTokenRows(base, targets[name]))
+                done.append(path)
         if tie:
-            tied = _tie(host, adapter_name, emb, WrappedTokenRows)
-            if tied:
-                done.append(tied)
+            done += _tie(host, adapter_name, emb, WrappedTokenRows)
     except BaseException:
         for path in done:
             detach(model, path, adapter_name)
@@ -290,11 +258,12 @@ class TrainableTokensMethod(Method):
     def after_inject(self, host, config, adapter_name: str) -> None:
         _tie(host, adapter_name, input_embedding_path(host.model), TokenRows)
 
-    def extra_state(self, host, config, adapter_name):
-        """The tied head's copy of ``D``, which PEFT writes for this method."""
-        head = tied_head_path(host.model)
-        site = host.model.get_submodule(head) if head else None
-        delta = site.deltas._modules.get(adapter_name) if isinstance(site, Site) else None
-        if not isinstance(delta, TokenRows) or not delta._owner:
-            return {}
-        return {f"{head}.trainable_tokens_delta": delta.weight_rows()}
+    def tied_copies(self, host, config, adapter_name):
+        """The tied layers' copies of ``D``, which PEFT writes for this method."""
+        out = {}
+        for path in tied_paths(host.model):
+            site = host.model.get_submodule(path)
+            delta = site.deltas._modules.get(adapter_name) if isinstance(site, Site) else None
+            if isinstance(delta, TokenRows) and delta._owner:
+                out[f"{path}.trainable_tokens_delta"] = delta.weight_rows()
+        return out

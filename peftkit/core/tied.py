@@ -1,0 +1,101 @@
+"""The input embedding and the layers that share its weight (tied weights).
+
+With ``tie_word_embeddings`` the output head's weight *is* the input embedding's; T5 and BART
+go further: their encoder and decoder call ``embed_tokens`` modules of their own whose weight is
+``shared.weight``::
+
+    shared ──weight──┬── encoder.embed_tokens     (called on the encoder's input ids)
+                     ├── decoder.embed_tokens     (called on the decoder's input ids)
+                     └── lm_head                  (logits = h . weight^T)
+
+A change to the rows of that one weight (trainable tokens, a merge) must be seen by every one of
+them. :func:`tied_paths` finds them by the weight's identity, the same modules Hugging Face PEFT
+finds through transformers' ``_tied_weights_keys``, and :func:`warn_tied_targets` gives PEFT's
+warning when an adapter targets such a layer on its own.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Optional
+
+from torch import nn
+
+from .inject import iter_candidates
+from .site import Site
+
+#: Module names PEFT treats as the token embeddings (its ``EMBEDDING_LAYER_NAMES``).
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The base layer of a Site, or the module itself."""
+    return module.base_layer if isinstance(module, Site) else module
+
+
+def path_of(model: nn.Module, module: nn.Module) -> Optional[str]:
+    """The first path (under the names before wrapping) at which ``module`` sits, or None."""
+    for path, m in iter_candidates(model):
+        if m is module or unwrap(m) is module:
+            return path
+    return None
+
+
+def input_embedding_path(model: nn.Module, default: str = "embed_tokens") -> str:
+    """Dotted path of ``model.get_input_embeddings()`` (``default`` when the model has none)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = None
+    if get is not None:
+        try:
+            emb = unwrap(get())
+        except (NotImplementedError, AttributeError):
+            emb = None
+    path = path_of(model, emb) if emb is not None else None
+    return path or default
+
+
+def tied_paths(model: nn.Module) -> list[str]:
+    """Paths of the modules, other than the input embedding, whose weight *is* the input
+    embedding's (the output head, T5's encoder/decoder ``embed_tokens``); a ``modules_to_save``
+    copy runs weights of its own and is not listed."""
+    try:
+        emb = unwrap(model.get_input_embeddings())
+    except (AttributeError, NotImplementedError):
+        return []
+    weight = getattr(emb, "weight", None)
+    emb_path = path_of(model, emb) if weight is not None else None
+    if emb_path is None:
+        return []
+    out = []
+    for path, m in iter_candidates(model):
+        if path == emb_path or (isinstance(m, Site) and m.copies):
+            continue
+        base = unwrap(m)
+        if isinstance(base, (nn.Embedding, nn.Linear)) and getattr(base, "weight", None) is weight:
+            out.append(path)
+    return out
+
+
+def _names_embedding(spec) -> bool:
+    if isinstance(spec, str):
+        return any(re.fullmatch(spec, name) for name in EMBEDDING_LAYER_NAMES)
+    return any(str(m).split(".")[-1] in EMBEDDING_LAYER_NAMES for m in spec or ())
+
+
+def warn_tied_targets(config, model: nn.Module) -> None:
+    """PEFT's warning when ``target_modules`` or ``modules_to_save`` names ``embed_tokens`` or
+    ``lm_head`` on a model whose embedding weight is tied: an adapter on one of the tied layers is
+    not applied to the others, which matters when merging or converting. Checked on the user's
+    config (before a method fills in defaults), as PEFT does."""
+    named = _names_embedding(getattr(config, "target_modules", None)) or \
+        _names_embedding(getattr(config, "modules_to_save", None))
+    if not named or not tied_paths(model):
+        return
+    # PEFT's LoRA configs have ``ensure_weight_tying`` (peftkit accepts it only off) and say so
+    why = "`ensure_weight_tying` is not set to True" if "ensure_weight_tying" in getattr(
+        type(config), "_inert_fields", {}) else "no implementation exists to tie the adapters"
+    warnings.warn(
+        f"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but {why}. This can "
+        "lead to complications, for example when merging the adapter or converting your model to formats "
+        "other than safetensors. Check the discussion here: https://github.com/huggingface/peft/issues/2777",
+        UserWarning, stacklevel=5)
