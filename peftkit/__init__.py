@@ -5,7 +5,7 @@ The public API mirrors Hugging Face PEFT: ``get_peft_model(model, LoraConfig(...
 ``adapter_model.safetensors`` format.
 """
 from .config import ConfigError, PeftConfig, PeftType, TaskType
-from .errors import NoMatchingPeftModuleError, PeftError
+from .errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from .io.checkpoint import CheckpointError
 from .methods import LoraConfig
 from .methods import (AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LNTuningConfig,  # noqa: E402
@@ -32,6 +32,12 @@ from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeat
                    AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
                    AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from .quant import prepare_model_for_kbit_training
+from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_config  # noqa: E402
+from .methods import PromptEncoderReparameterizationType  # noqa: E402
+from .status import get_layer_status, get_model_status  # noqa: E402
+from .utils import (cast_mixed_precision_params, get_base_model_state_dict,  # noqa: E402
+                    set_base_model_state_dict, shift_tokens_right)
+from . import helpers  # noqa: E402,F401  peft.helpers
 
 __version__ = "0.1.0"
 
@@ -51,5 +57,7 @@ __all__ = [
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
     "TrainableTokensConfig", "LoftQConfig", "replace_lora_weights_loftq", "EvaConfig", "get_eva_state_dict",
-    "initialize_lora_eva_weights",
+    "initialize_lora_eva_weights", "PeftWarning", "PEFT_TYPE_TO_CONFIG_MAPPING", "get_peft_config",
+    "PromptEncoderReparameterizationType", "get_layer_status", "get_model_status", "cast_mixed_precision_params",
+    "get_base_model_state_dict", "set_base_model_state_dict", "shift_tokens_right",
 ]

@@ -7,6 +7,9 @@
 - :func:`get_base_model_state_dict` / :func:`set_base_model_state_dict`: the base model's own
   weights under the keys the model had before any adapter (no ``base_layer`` infix, no adapter
   tensors), e.g. to load base weights after FSDP wrapping;
+- :func:`cast_mixed_precision_params`: frozen parameters to float16/bfloat16, trainable ones to
+  float32 (PEFT's recipe for mixed-precision training on a half-precision base);
+- :func:`shift_tokens_right`: decoder inputs from labels (seq2seq), ``-100`` replaced by the pad id;
 - re-exports: the state-dict functions, ``load_peft_weights``, ``prepare_model_for_kbit_training``,
   ``PeftType``, ``TaskType``, ``PeftError``, ``NoMatchingPeftModuleError``, file names, :func:`infer_device`, :func:`transpose`.
 """
@@ -20,7 +23,7 @@ from torch import nn
 from .config import CONFIG_NAME, PeftType, TaskType
 from .core.host import IncompatibleKeys
 from .core.site import Site
-from .errors import NoMatchingPeftModuleError, PeftError
+from .errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from .functional import _host_and_prefix, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME as SAFETENSORS_WEIGHTS_NAME
 from .quant import prepare_model_for_kbit_training
@@ -29,7 +32,8 @@ from .quant import prepare_model_for_kbit_training
 WEIGHTS_NAME = LEGACY_WEIGHTS_NAME
 
 __all__ = ["NoMatchingPeftModuleError", "PeftError", "CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "PeftType", "TaskType", "_get_submodules",
-           "get_base_model_state_dict", "set_base_model_state_dict", "get_peft_model_state_dict",
+           "get_base_model_state_dict", "set_base_model_state_dict", "cast_mixed_precision_params", "shift_tokens_right",
+           "PeftWarning", "get_peft_model_state_dict",
            "set_peft_model_state_dict", "load_peft_weights", "prepare_model_for_kbit_training", "infer_device",
            "transpose"]
 
@@ -104,3 +108,22 @@ def set_base_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
                            "own state dict (original keys), or strict=False.")
     host.model.load_state_dict({to_own[k]: v for k, v in state_dict.items() if k in to_own}, strict=False)
     return IncompatibleKeys(missing, unexpected)
+
+
+def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s frozen parameters to ``dtype`` (float16 or bfloat16) and its trainable
+    ones to float32, in place: the base takes half the memory while the adapter's weights and
+    optimizer updates stay in full precision under autocast (PEFT's function of the same name)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype) if not p.requires_grad else p.data.to(torch.float32)
+
+
+def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Decoder inputs for ``input_ids`` (B x T): one step to the right, ``decoder_start_token_id``
+    first, and ``-100`` (ignored label positions) replaced by ``pad_token_id``."""
+    if pad_token_id is None:
+        raise ValueError("self.model.config.pad_token_id has to be defined.")
+    shifted = input_ids.new_zeros(input_ids.shape)
+    shifted[:, 1:] = input_ids[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill_(shifted == -100, pad_token_id)

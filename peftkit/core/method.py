@@ -42,6 +42,9 @@ class Delta(LeanModule):
     accumulates: ClassVar[bool] = False
     #: Local parameter name -> suffix in Hugging Face PEFT's file (``lora_A.weight`` ...).
     peft_names: ClassVar[dict[str, str]] = {}
+    #: True for LoRA-family deltas (PEFT's ``LoraLayer``): the update is multiplied by the float
+    #: attribute ``scaling``, which ``peftkit.helpers.rescale_adapter_scale`` changes.
+    lora_scaled: ClassVar[bool] = False
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """Return the adapted output given input ``x`` and the base output ``y`` (never

@@ -182,6 +182,14 @@ class DeltaDict(nn.ModuleDict):
             return []
         return [n for n, p in store.packs.items() if p.row(self.slot) is not None]
 
+    def set_packed_value(self, name: str, value: float) -> None:
+        """Change the one float of packed adapter ``name``'s row here (LoRA: its scaling); a cached
+        view keeps being the Delta in use, so the caller updates that too."""
+        hit = self.packed(name)
+        if hit is None:
+            raise KeyError(name)
+        hit[0].floats[self.slot] = value
+
     def view(self, name: str) -> nn.Module:
         """The Delta over the packed weights of ``name`` (cached while it is held)."""
         view = self._views.get(name)

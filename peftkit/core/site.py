@@ -164,6 +164,8 @@ _CACHES = frozenset({"_run", "_pre", "_replace", "_into"})
 class Site(BaseLayerPassthrough):
     """Wraps one targeted module and applies the active adapters' Deltas to its output."""
 
+    _cast_input = True  # see cast_input_dtype_enabled
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
@@ -179,6 +181,23 @@ class Site(BaseLayerPassthrough):
         #: how many Deltas here are full copies (``modules_to_save``); kept so that walking the
         #: model does not scan every adapter of every site
         self.copies = 0
+        #: PEFT's ``cast_input_dtype_enabled``: the input is cast to each adapter's dtype (False:
+        #: left as it comes, for hooks that cast layer by layer; peftkit.helpers.disable_input_dtype_casting)
+        object.__setattr__(self, "_cast_input", True)
+
+    @property
+    def cast_input_dtype_enabled(self) -> bool:
+        """Whether inputs are cast to each adapter's dtype before it runs (PEFT's layer flag)."""
+        return self._cast_input
+
+    @cast_input_dtype_enabled.setter
+    def cast_input_dtype_enabled(self, value: bool) -> None:
+        object.__setattr__(self, "_cast_input", bool(value))
+        self._refresh()
+
+    def _input_dtype(self, delta: Delta) -> Optional[torch.dtype]:
+        """The dtype ``delta``'s input is cast to (None: not cast)."""
+        return _param_dtype(delta) if self._cast_input else None
 
     def __setattr__(self, name, value):
         if name in _CACHES:  # plain attributes: a cached Delta must not become a child module
@@ -230,9 +249,9 @@ class Site(BaseLayerPassthrough):
                 if d.replaces_base:
                     replace = d
                 else:
-                    run.append((d, _param_dtype(d)))
+                    run.append((d, self._input_dtype(d)))
                     if d.transforms_input:
-                        pre.append((d, _param_dtype(d)))
+                        pre.append((d, self._input_dtype(d)))
         self._run, self._pre, self._replace = run, pre, replace
         single = len(run) == 1 and not pre and replace is None and run[0][0].accumulates
         self._into = run[0] if single else None
@@ -323,7 +342,7 @@ class Site(BaseLayerPassthrough):
                 out, owned = res, owned and res is out
                 continue
             for d, idx in items:
-                dt = _param_dtype(d)
+                dt = self._input_dtype(d)
                 y_rows = self._base_with(x[idx], [(d, dt)], *rest, **kwargs) if d.transforms_input else y[idx]
                 part, _ = self._run_delta(d, dt, x[idx], y_rows, True)  # y[idx] is a new tensor
                 out = out.index_copy(0, idx, part)  # row groups are disjoint

@@ -139,6 +139,7 @@ class _OrthGrad(torch.autograd.Function):
 class AdaLoraDelta(Delta):
     """The SVD-form update at one linear layer."""
 
+    lora_scaled = True
     mergeable = True
     peft_names = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}
 

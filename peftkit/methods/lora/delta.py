@@ -54,6 +54,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 class LoraDelta(Delta):
     """Shared LoRA/DoRA math; subclasses give the low-rank path and the 2-D weight view."""
 
+    lora_scaled = True
     mergeable = True
     accumulates = True
     peft_names = {"magnitude": "lora_magnitude_vector"}

@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import nn
 
+from ...errors import PeftWarning
 from ...core.method import Method, UnsupportedSite, init_skipped
 from ...core.registry import register_method
 from ...targets import LORA_DEFAULT_TARGETS
@@ -49,7 +50,7 @@ class LoraMethod(Method):
         bias = bool(getattr(config, "lora_bias", False))
         if bias and not isinstance(module, nn.Embedding) and getattr(module, "bias", None) is None:
             warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(module).__name__} "
-                          "has no bias. This means that merging LoRA weights won't be possible.", stacklevel=3)
+                          "has no bias. This means that merging LoRA weights won't be possible.", PeftWarning, stacklevel=3)
         if isinstance(module, nn.MultiheadAttention):
             return _attention_delta(config, module, bias, kw)
         if is_conv1d_gpt2(module):

@@ -36,6 +36,7 @@ from .delta import LoraLinear
 class LoraMultiheadAttention(Delta):
     """Low-rank updates of an attention layer's input and output projection weights."""
 
+    lora_scaled = True
     mergeable = True
     replaces_base = True  # the whole attention runs here, with the updated weights
     peft_names = {"in_proj.lora_A": "lora_A.weight", "in_proj.lora_B": "lora_B.weight",
@@ -53,6 +54,15 @@ class LoraMultiheadAttention(Delta):
     def r(self) -> int:
         """The rank of both updates."""
         return self.in_proj.r
+
+    @property
+    def scaling(self) -> float:
+        """The scale of both updates (``alpha / r``)."""
+        return self.in_proj.scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        self.in_proj.scaling = self.out_proj.scaling = value
 
     def replace(self, *args, **kwargs):
         """The attention layer's output with ``W_in'`` and ``W_out'`` (see the module docstring)."""

@@ -82,6 +82,7 @@ class ParamFactors(nn.Module):
 class LoraParameters(Delta):
     """One LoRA adapter on the targeted parameters of one owner module (see the module docstring)."""
 
+    lora_scaled = True
     mergeable = True
     replaces_base = True  # the owner runs here, with the updated parameters
     peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
