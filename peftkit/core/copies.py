@@ -3,7 +3,10 @@
 A classification head that is new for the task (``score``, ``classifier``) must be trained in
 full; Hugging Face PEFT calls these ``modules_to_save``. Here a copy is a Delta whose output
 replaces the base module's, so the Site's active/merge/mixed-batch logic covers it unchanged.
-Merging copies the trained weights into the base module (and unmerging restores them).
+Merging gives the base module the trained tensors as tensors of its own, and unmerging gives it
+back its originals. Its original tensors are never written: a module that shares one with it
+(an output head tied to a copied ``embed_tokens``) keeps the weights it had, as it does while the
+copy runs unmerged, so merging changes no output (and ``merge_and_unload`` unties them, as PEFT's).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ class ModuleCopy(Delta):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.module = copy.deepcopy(base)
-        self._saved: dict[str, torch.Tensor] = {}
+        self._saved: list = []  # (module, "_parameters" or "_buffers", name, original tensor) while merged
 
     def replace(self, *args, **kwargs):
         """The copy's output for the site's input (called as the base module was)."""
@@ -42,10 +45,24 @@ class ModuleCopy(Delta):
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
-        self._saved = {k: v.detach().clone() for k, v in base.state_dict().items()}
-        base.load_state_dict(self.module.state_dict())
+        """Swap the copy's values in as new tensors of ``base`` (see the module docstring)."""
+        trained = dict(self.module.named_modules())
+        saved = []
+        for name, sub in base.named_modules():
+            twin = trained[name]
+            for store in ("_parameters", "_buffers"):
+                for key, old in list(getattr(sub, store).items()):
+                    value = getattr(twin, store).get(key)
+                    if old is None or value is None:
+                        continue
+                    saved.append((sub, store, key, old))
+                    new = value.detach().clone().to(device=old.device, dtype=old.dtype)
+                    getattr(sub, store)[key] = nn.Parameter(new, requires_grad=old.requires_grad) if store == "_parameters" else new
+        self._saved = saved
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
-        base.load_state_dict(self._saved)
-        self._saved = {}
+        """Give ``base`` back the tensors it had before :meth:`merge`."""
+        for sub, store, key, old in self._saved:
+            getattr(sub, store)[key] = old
+        self._saved = []

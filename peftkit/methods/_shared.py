@@ -44,6 +44,29 @@ def from_2d(w2: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return w2.reshape(module.weight.shape)
 
 
+def embed_scale(base: nn.Module) -> Optional[torch.Tensor]:
+    """The factor a scaled word embedding multiplies its lookups by (Gemma's and BART's
+    ``...ScaledWordEmbedding``: ``E[x] * embed_scale``), or None. An adapter's rows added to such
+    an output must carry the same factor, or the unmerged model differs from the merged one.
+    A non-scalar ``embed_scale`` is not applied, with PEFT's warning."""
+    scale = getattr(base, "embed_scale", None)
+    if scale is None:
+        return None
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() == 1:
+            return scale
+        import warnings
+
+        from ..errors import PeftWarning
+
+        warnings.warn(f"Found embed_scale attribute with shape {scale.shape}, expected scalar. Embedding scaling "
+                      "will not be applied. If this is unexpected, please open an issue at "
+                      "https://github.com/huggingface/peft/issues", PeftWarning, stacklevel=3)
+    return None
+
+
 def adapter_dtype(module: nn.Module) -> torch.dtype:
     """Adapters train in fp32 over half-precision bases (PEFT's autocast does the same)."""
     w = getattr(module, "weight", None)

@@ -32,7 +32,7 @@ from ..core.method import Delta, Method, UnsupportedSite
 from ..core.registry import register_method
 from ..core.site import Site
 from ..core.tied import input_embedding_path, tied_paths, unwrap
-from ._shared import adapter_dtype
+from ._shared import adapter_dtype, embed_scale
 
 
 def check_token_indices(value, where: str):
@@ -123,9 +123,9 @@ class TokenRows(Delta):
             pos = self.lookup[x]
             hit = (pos >= 0).unsqueeze(-1)
             rows = F.embedding(pos.clamp_min(0), d)
-            scale = getattr(base, "embed_scale", None)  # Gemma-style scaled embeddings
+            scale = embed_scale(base)  # Gemma/BART-style scaled embeddings
             if scale is not None:
-                rows = rows * scale.to(rows.dtype) if torch.is_tensor(scale) else rows * scale
+                rows = rows * scale.to(rows.dtype)
             return torch.where(hit, rows.to(y.dtype), y)
         cols = F.linear(x.to(d.dtype), d)
         if base.bias is not None:

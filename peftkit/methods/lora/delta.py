@@ -44,6 +44,7 @@ from torch import nn
 
 from ...core.method import Delta, new_parameter
 from ...quant.backend import dequantize
+from .._shared import embed_scale
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -305,7 +306,10 @@ class LoraLinear(LoraDelta):
 
 
 class LoraEmbedding(LoraDelta):
-    """LoRA on ``nn.Embedding``: ``y = E[x] + s * (A^T[x]) B^T``; no dropout on token ids."""
+    """LoRA on ``nn.Embedding``: ``y = E[x] + s * (A^T[x]) B^T``; no dropout on token ids.
+
+    A scaled word embedding (Gemma, BART: ``y = c * E[x]``) scales the update alike,
+    ``y = c * (E[x] + s * (A^T[x]) B^T)``, which is what the merged weight ``E + s (B A)^T`` gives."""
 
     peft_names = {"lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B",
                   **LoraDelta.peft_names}
@@ -318,9 +322,15 @@ class LoraEmbedding(LoraDelta):
         self._embed_kw = dict(padding_idx=base.padding_idx, max_norm=base.max_norm,
                               norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
                               sparse=base.sparse)
+        #: the embedding itself, when it scales its lookups (a plain reference: the Site owns it)
+        self.__dict__["_scaled_base"] = base if hasattr(base, "embed_scale") else None
 
     def lora(self, x):
-        return F.embedding(x, self.lora_embedding_A.T, **self._embed_kw) @ self.lora_embedding_B.T
+        out = F.embedding(x, self.lora_embedding_A.T, **self._embed_kw) @ self.lora_embedding_B.T
+        scaled = self.__dict__.get("_scaled_base")
+        if scaled is not None and (c := embed_scale(scaled)) is not None:
+            out = out * c.to(out.dtype)
+        return out
 
     def factors(self):
         return self.lora_embedding_A, self.lora_embedding_B
