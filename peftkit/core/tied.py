@@ -21,6 +21,7 @@ from typing import Optional
 
 from torch import nn
 
+from .copies import ModuleCopy
 from .inject import iter_candidates
 from .site import Site
 
@@ -68,7 +69,8 @@ def tied_paths(model: nn.Module) -> list[str]:
         return []
     out = []
     for path, m in iter_candidates(model):
-        if path == emb_path or (isinstance(m, Site) and m.copies):
+        if path == emb_path or (isinstance(m, Site) and m.copies and any(
+                type(d) is ModuleCopy for _, d in m.deltas.modules_only())):
             continue
         base = unwrap(m)
         if isinstance(base, (nn.Embedding, nn.Linear)) and getattr(base, "weight", None) is weight:
@@ -83,17 +85,31 @@ def _names_embedding(spec) -> bool:
 
 
 def warn_tied_targets(config, model: nn.Module) -> None:
-    """PEFT's warning when ``target_modules`` or ``modules_to_save`` names ``embed_tokens`` or
-    ``lm_head`` on a model whose embedding weight is tied: an adapter on one of the tied layers is
-    not applied to the others, which matters when merging or converting. Checked on the user's
-    config (before a method fills in defaults), as PEFT does."""
+    """PEFT's warnings about tied layers, on the user's config (before a method fills in
+    defaults), as PEFT checks it:
+
+    - ``target_modules`` or ``modules_to_save`` names ``embed_tokens`` or ``lm_head`` on a model
+      whose embedding weight is tied: an adapter on one tied layer is not applied to the others,
+      which matters when merging or converting (LoRA's message names ``ensure_weight_tying``);
+    - ``ensure_weight_tying=True`` with nothing to tie, in the model or in the config.
+    """
     named = _names_embedding(getattr(config, "target_modules", None)) or \
         _names_embedding(getattr(config, "modules_to_save", None))
-    if not named or not tied_paths(model):
+    tied = bool(tied_paths(model))
+    if getattr(config, "ensure_weight_tying", False):
+        if not tied:
+            msg = "You have requested `ensure_weight_tying`, but no tied modules were found in the model"
+        elif not named:
+            msg = ("You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                   "`modules_to_save` or `target_modules`")
+        else:
+            return
+        warnings.warn(msg, UserWarning, stacklevel=5)
         return
-    # PEFT's LoRA configs have ``ensure_weight_tying`` (peftkit accepts it only off) and say so
-    why = "`ensure_weight_tying` is not set to True" if "ensure_weight_tying" in getattr(
-        type(config), "_inert_fields", {}) else "no implementation exists to tie the adapters"
+    if not named or not tied:
+        return
+    why = "`ensure_weight_tying` is not set to True" if hasattr(config, "ensure_weight_tying") \
+        else "no implementation exists to tie the adapters"
     warnings.warn(
         f"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but {why}. This can "
         "lead to complications, for example when merging the adapter or converting your model to formats "

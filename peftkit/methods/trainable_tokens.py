@@ -216,8 +216,19 @@ def attach_token_rows(host, config, adapter_name: str) -> None:
     tied = set(tied_paths(model))
     in_group = [n for n, ps in paths.items() if any(p in tied or p == emb for p in ps)]
     tie = any(emb in paths[n] for n in in_group)
-    if tie and len({tuple(targets[n]) for n in in_group}) > 1:
+    ensure = getattr(config, "ensure_weight_tying", False)
+    if len(in_group) > 1 and len({tuple(targets[n]) for n in in_group}) > 1:
+        if ensure:
+            listed = ", ".join(f"{n}: {targets[n]}" for n in in_group)
+            raise ValueError(f"Cannot ensure weight tying when different token indices are specified for tied "
+                             f"layers. Conflicting layers: {listed}. Please use the same indices for all tied "
+                             "layers or set ensure_weight_tying=False.")
         tie = False  # tied layers listed with other ids: each keeps its own rows, as in PEFT
+    if ensure and not tied:
+        import warnings
+
+        warnings.warn("ensure_weight_tying=True but the model does not have tied weights (tie_word_embeddings=False). "
+                      "Weight tying will not be applied for trainable_token_indices.", UserWarning, stacklevel=5)
     if tie:  # listed tied layers become tied versions of the embedding's rows
         paths = {n: [p for p in ps if p not in tied] for n, ps in paths.items()}
     done = []

@@ -42,6 +42,9 @@ class LoraConfig(PeftConfig):
             ``init_lora_weights="loftq"`` (methods/lora/loftq.py).
         eva_config: ``EvaConfig(...)`` with ``init_lora_weights="eva"``; the weights come from
             ``initialize_lora_eva_weights(model, dataloader)`` (methods/lora/eva.py).
+        ensure_weight_tying: on a model whose output head is tied to the input embedding, give
+            both one adapter: the embedding's LoRA (or ``modules_to_save`` copy) also computes the
+            head's output, and merging it once merges both (methods/lora/tied.py).
         target_parameters: names (or dotted suffixes) of bare parameters to adapt, such as the
             fused 3-D expert weights of MoE layers (``["experts.gate_up_proj", "experts.down_proj"]``);
             one update per expert (methods/lora/params.py). Not with lora_dropout, fan_in_fan_out,
@@ -68,13 +71,14 @@ class LoraConfig(PeftConfig):
     loftq_config: Any = dataclasses.field(default_factory=dict)
     eva_config: Any = None
     target_parameters: Optional[list[str]] = None
+    ensure_weight_tying: bool = False
 
     _inert_fields: ClassVar[dict[str, Any]] = {
         **PeftConfig._inert_fields,
         "megatron_config": None, "megatron_core": Any, "layer_replication": None,
         "corda_config": None, "runtime_config": Any,
         "alora_invocation_tokens": None,
-        "arrow_config": None, "use_qalora": False, "qalora_group_size": Any, "ensure_weight_tying": False,
+        "arrow_config": None, "use_qalora": False, "qalora_group_size": Any,
         "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "use_bdlora": None,
         "velora_config": None,
     }

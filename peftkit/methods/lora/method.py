@@ -16,6 +16,7 @@ from .config import LoraConfig
 from .delta import LoraConv, LoraEmbedding, LoraLinear
 from .mha import LoraMultiheadAttention
 from .params import LoraParameters, link_sites, targeted_parameters
+from .tied import rewrite_for_tying, tie_adapters, tied_file_copies
 from .init import initialise, plain_lora_state
 
 
@@ -30,7 +31,7 @@ class LoraMethod(Method):
     def prepare(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
         if config.target_modules is None and config.target_parameters:  # PEFT: parameters only
             return config
-        return with_default_targets(config, model, LORA_DEFAULT_TARGETS, "LoRA")
+        return rewrite_for_tying(with_default_targets(config, model, LORA_DEFAULT_TARGETS, "LoRA"), model)
 
     def is_target(self, config: LoraConfig, path: str, module: nn.Module, model: nn.Module) -> bool:
         """A module selected by ``target_modules``, or the owner of a ``target_parameters`` entry."""
@@ -95,6 +96,7 @@ class LoraMethod(Method):
     def after_inject(self, host, config: LoraConfig, adapter_name: str) -> None:
         if config.target_parameters:  # several active adapters on one owner add up (params.py)
             link_sites(host, adapter_name)
+        tie_adapters(host, config, adapter_name)  # ensure_weight_tying (tied.py)
         if config.trainable_token_indices is not None:  # chosen embedding rows (methods/trainable_tokens.py)
             from ..trainable_tokens import attach_token_rows
 
@@ -116,6 +118,10 @@ class LoraMethod(Method):
     def extra_state(self, host, config, adapter_name):
         return {n: host.model.get_parameter(n) for n in sorted(host.trainable_base.get(adapter_name, ()))
                 if ".deltas." not in n}  # trainable token rows are saved by their Deltas
+
+    def tied_copies(self, host, config, adapter_name):
+        """The tied head's copies of the embedding adapter's tensors (ensure_weight_tying), as PEFT writes them."""
+        return tied_file_copies(host, adapter_name)
 
 
 def _init_bias(delta, config) -> None:

@@ -1,0 +1,156 @@
+"""``LoraConfig(ensure_weight_tying=True)`` against Hugging Face PEFT: one adapter for a tied
+embedding and head (LoRA targets or ``modules_to_save``), PEFT's rewritten config and files both
+ways, the same outputs and summed gradients, merging once, PEFT's warnings and errors."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import inputs_for, output_of, perturb, tiny_llama
+import peftkit
+
+peft = pytest.importorskip("peft")
+LIBS = (peft, peftkit)
+
+CASES = {
+    "lora_embed": dict(target_modules=["embed_tokens", "q_proj"]),
+    "lora_head_named": dict(target_modules=["lm_head"]),
+    "lora_regex": dict(target_modules=r".*(q_proj|embed_tokens)"),
+    # a regex must match the bare name "embed_tokens" for PEFT to tie (it warns otherwise): untied here
+    "lora_regex_untied": dict(target_modules=r".*\.(q_proj|embed_tokens)"),
+    "copy_embed": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+    "copy_head_named": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+}
+
+
+def _config(lib, case):
+    kw = {k: (list(v) if isinstance(v, list) else v) for k, v in CASES[case].items()}  # PEFT edits lists in place
+    return lib.LoraConfig(r=2, lora_alpha=4, ensure_weight_tying=True, **kw)
+
+
+def _make(lib, case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lib.get_peft_model(tiny_llama(tie_word_embeddings=True), _config(lib, case))
+
+
+def _files(folder):
+    with open(f"{folder}/adapter_config.json") as f:
+        cfg = json.load(f)
+    tm = cfg["target_modules"]
+    return (sorted(load_file(f"{folder}/adapter_model.safetensors")), tm if isinstance(tm, str) else sorted(tm),
+            sorted(cfg["modules_to_save"] or []), cfg["ensure_weight_tying"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_files_and_outputs_both_ways(case, tmp_path):
+    theirs = _make(peft, case)
+    perturb(theirs, 2, scale=0.3)
+    theirs.eval()
+    batch = inputs_for(theirs)
+    ref = output_of(theirs, batch)
+    assert (ref - output_of(tiny_llama(tie_word_embeddings=True), batch)).abs().max() > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(str(tmp_path / "theirs"))
+        ours = peftkit.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), str(tmp_path / "theirs"))
+        torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+        ours.save_pretrained(str(tmp_path / "ours"))
+        back = peft.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(output_of(back, batch), ref, atol=1e-5, rtol=1e-5)
+    assert _files(tmp_path / "ours") == _files(tmp_path / "theirs")
+    fresh = _make(peftkit, case)
+    assert _files_config(fresh) == _files_config(_make(peft, case))
+
+
+def _files_config(model):
+    cfg = model.peft_config["default"]
+    tm = cfg.target_modules
+    return tm if isinstance(tm, str) else sorted(tm), sorted(cfg.modules_to_save or [])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_one_adapter_merges_once(case):
+    if case == "lora_regex_untied":
+        pytest.skip("not tied: the embedding's update reaches the tied head only once merged (PEFT warns)")
+    """Merging the shared adapter changes the one weight once: merged equals unmerged (PEFT 0.21
+    adds a tied LoRA update once per layer, i.e. twice, so its merged model differs)."""
+    ours = _make(peftkit, case)
+    perturb(ours, 2, scale=0.3)
+    ours.eval()
+    batch = inputs_for(ours)
+    ref = output_of(ours, batch)
+    ours.merge_adapter()
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-4, rtol=1e-4)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+    plain = ours.merge_and_unload()
+    torch.testing.assert_close(output_of(plain, batch), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["lora_embed", "copy_embed"])
+def test_gradients_are_the_sum_of_both_uses(case):
+    """PEFT keeps two Parameters over the same storage (the head's is a transposed view); their
+    gradients, summed, are the one gradient of peftkit's single tensor."""
+    theirs, ours = _make(peft, case), _make(peftkit, case)
+    perturb(theirs, 5, scale=0.3)
+    peftkit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    batch = inputs_for(ours)
+    for model in (theirs, ours):
+        model.train()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    t = {n: p for n, p in theirs.named_parameters() if p.requires_grad and "q_proj" not in n}
+    o = {n: p for n, p in ours.named_parameters() if p.requires_grad and "q_proj" not in n}
+    if case == "lora_embed":
+        emb = "base_model.model.model.embed_tokens"
+        want_a = t[f"{emb}.lora_embedding_A.default"].grad + t["base_model.model.lm_head.lora_B.default.weight"].grad.T
+        want_b = t[f"{emb}.lora_embedding_B.default"].grad + t["base_model.model.lm_head.lora_A.default.weight"].grad.T
+        assert sorted(o) == [f"{emb}.deltas.default.lora_embedding_A", f"{emb}.deltas.default.lora_embedding_B"]
+        torch.testing.assert_close(o[f"{emb}.deltas.default.lora_embedding_A"].grad, want_a, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(o[f"{emb}.deltas.default.lora_embedding_B"].grad, want_b, atol=1e-5, rtol=1e-4)
+    else:
+        (name,) = o
+        (want,) = [p.grad for p in t.values()]  # PEFT ties the head's copy to the same Parameter
+        torch.testing.assert_close(o[name].grad, want, atol=1e-5, rtol=1e-4)
+
+
+def _warned(lib, model, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            lib.get_peft_model(model, lib.LoraConfig(r=2, **kw))
+            err = None
+        except ValueError as e:
+            err = str(e)
+    return sorted(str(w.message) for w in caught if "tying" in str(w.message) or "tie_word" in str(w.message)), err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q_proj"], ensure_weight_tying=True),
+    dict(target_modules=["embed_tokens"], ensure_weight_tying=True),
+    dict(target_modules=["q_proj"], trainable_token_indices=[1, 2], ensure_weight_tying=True),
+    dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [3]},
+         ensure_weight_tying=True),
+    dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [1, 2]},
+         ensure_weight_tying=True),
+], ids=["nothing_named", "embedding", "tokens", "tokens_mismatch", "tokens_same"])
+def test_warnings_and_errors_as_peft(kw, tied):
+    got = {lib: _warned(lib, tiny_llama(tie_word_embeddings=tied), **kw) for lib in LIBS}
+    assert got[peftkit] == got[peft]
+
+
+def test_rescale_on_a_tied_adapter_as_peft():
+    theirs, ours = _make(peft, "lora_embed"), _make(peftkit, "lora_embed")
+    perturb(theirs, 6, scale=0.3)
+    peftkit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    theirs.eval(), ours.eval()
+    batch = inputs_for(ours)
+    with peft.helpers.rescale_adapter_scale(theirs, 0.5):
+        ref = output_of(theirs, batch)
+    with peftkit.helpers.rescale_adapter_scale(ours, 0.5):
+        torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
