@@ -116,6 +116,30 @@ def test_refusal(cell):
 
 
 # ----- single ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", [c for c in cells("single") if c.values[0].row.kind == "layer"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_hooks_keep_what_they_saw(cell, grad):
+    """A forward hook on an adapted layer's base layer (and on the Site) keeps the input and the
+    output it was given: no Delta writes into a tensor someone else holds, with or without autograd."""
+    model = get_peft_model(factory(cell)(), cell.config())
+    perturb(model, 1, cell.row.scale)
+    model.eval()
+    seen = []
+
+    def keep(mod, inputs, out):
+        seen.extend((t, t.clone()) for t in (*inputs, out) if torch.is_tensor(t))
+
+    hooks = [m.register_forward_hook(keep) for site in model.modules() if isinstance(site, Site)
+             for m in (site, site.base_layer)]
+    with torch.set_grad_enabled(grad):
+        output_of(model, batch_of(cell, model))
+    for h in hooks:
+        h.remove()
+    assert seen
+    changed = [k for k, (o, before) in enumerate(seen) if not torch.equal(o, before)]
+    assert not changed, f"{len(changed)} of {len(seen)} hooked tensors were written to after the hook"
+
+
 @pytest.mark.parametrize("cell", cells("single"))
 def test_single(cell, tmp_path):
     """Identity at init; only the adapter trains; shapes and loss with labels; the perturbed

@@ -84,6 +84,7 @@ class TokenRows(Delta):
     """Replacement rows ``D`` (k x d) for the token ids ``index`` of an embedding (or tied head)."""
 
     mergeable = True
+    accumulates = True  # forward_into writes a tied head's k columns in place
     peft_names = {"rows": "trainable_tokens_delta"}
 
     def __init__(self, base: nn.Module, ids: list[int], init_weights: bool = True,
@@ -127,12 +128,21 @@ class TokenRows(Delta):
             if scale is not None:
                 rows = rows * scale.to(rows.dtype)
             return torch.where(hit, rows.to(y.dtype), y)
+        return y.index_copy(y.dim() - 1, self.index, self._head_columns(x, d, base).to(y.dtype))
+
+    def forward_into(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """As :meth:`forward`; at a tied head the k logit columns are written into ``y`` (which the
+        Site owns: no hook saw it, autograd does not keep it), with no copy of the V-wide logits."""
+        if isinstance(base, nn.Embedding):
+            return self.forward(x, y, base)
+        return y.index_copy_(y.dim() - 1, self.index, self._head_columns(x, self.weight_rows(), base).to(y.dtype))
+
+    def _head_columns(self, x: torch.Tensor, d: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """The tied head's logits of the k ids, ``h D^T (+ b[I])``."""
         cols = F.linear(x.to(d.dtype), d)
         if base.bias is not None:
             cols = cols + base.bias[self.index].to(cols.dtype)
-        if not torch.is_grad_enabled():  # inference: y is the Site's own fresh logits, no copy of them
-            return y.index_copy_(y.dim() - 1, self.index, cols.to(y.dtype))
-        return y.index_copy(y.dim() - 1, self.index, cols.to(y.dtype))
+        return cols
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """``E' - E``: the new rows minus the current ones, zero elsewhere."""
