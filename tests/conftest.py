@@ -106,6 +106,22 @@ def perturb(model, seed: int = 7, scale: float = 0.1) -> None:
         p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
 
 
+def peft_twins(make_base, config_of, seed: int = 1, scale: float = 0.1):
+    """The same adapter in Hugging Face PEFT and in peftkit, in eval mode: PEFT's on
+    ``make_base()`` with ``config_of(peft)``, perturbed, its weights copied into peftkit's on a
+    fresh ``make_base()`` with ``config_of(peftkit)`` (the wraps' warnings silenced)."""
+    import peft
+    import peftkit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(make_base(), config_of(peft))
+        ours = peftkit.get_peft_model(make_base(), config_of(peftkit))
+    perturb(theirs, seed, scale)
+    peftkit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    return theirs.eval(), ours.eval()
+
+
 def inputs_for(model, batch: int = 2, seq: int = 8, seed: int = 1) -> dict:
     """A batch of model inputs (decoder inputs too for encoder-decoders)."""
     g = torch.Generator().manual_seed(seed)

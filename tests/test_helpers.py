@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import inputs_for, output_of, perturb, tiny_llama
+from conftest import inputs_for, output_of, peft_twins, tiny_llama
 import peftkit
 
 peft = pytest.importorskip("peft")
@@ -35,12 +35,8 @@ def test_names_exist_where_peft_has_them():
 
 def _pair(**kw):
     """The same LoRA weights in both libraries (PEFT's, copied in)."""
-    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **kw)
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg)).eval()
-    perturb(theirs, 3)
-    ours = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(**cfg)).eval()
-    peftkit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
-    return theirs, ours
+    return peft_twins(tiny_llama, lambda L: L.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **kw),
+                      seed=3)
 
 
 @pytest.mark.parametrize("multiplier", [0.0, 0.5, 2])

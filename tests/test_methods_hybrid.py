@@ -57,6 +57,27 @@ def test_lora_plus_another_method_active_together(second, tmp_path):
     torch.testing.assert_close(output_of(loaded.eval(), batch), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_merging_a_mergeable_and_an_unmergeable_method_changes_nothing():
+    """LoRA (mergeable) and a Houlsby adapter (not) active together: merging both is refused
+    before any weight changes, at whichever site the refusal comes; LoRA alone then merges."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "down_proj"],
+                                                    init_lora_weights=False)).eval()
+    # the refusal comes at the last site, after LoRA's sites of layer 0
+    model.add_adapter("second", BottleneckConfig(bottleneck_size=4, init_weights=False,
+                                                 target_modules=["layers.1.mlp.down_proj"]))
+    model.set_adapter(["default", "second"])
+    batch = inputs_for(model)
+    before = output_of(model, batch)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="cannot be merged"):
+        model.merge_adapter(["default", "second"])
+    assert not model.base_model.merged
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(output_of(model, batch), before, atol=0, rtol=0)
+    model.merge_adapter(["default"])
+    torch.testing.assert_close(output_of(model, batch), before, atol=1e-5, rtol=1e-5)
+
+
 def test_mam_adapter_trains_both_parts_and_round_trips(tmp_path):
     base = tiny_llama()
     batch = inputs_for(base)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import perturb
+from conftest import peft_twins, perturb
 import peftkit
 
 peft = pytest.importorskip("peft")
@@ -115,14 +115,8 @@ def test_modules_to_save_copy_of_a_tied_embedding_merges_without_touching_the_he
     """A trained copy of embed_tokens on a tied model: merging must not write the copy into the
     weight the output head shares (the unmerged model's head keeps the base rows); merge_and_unload
     gives PEFT's model (the copy in place of embed_tokens, the head as it was)."""
-    cfg = lambda L: L.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])  # noqa: E731
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tiny_gemma3(tie=True), cfg(peft))
-        ours = peftkit.get_peft_model(tiny_gemma3(tie=True), cfg(peftkit))
-    perturb(theirs, 4, scale=0.5)
-    peftkit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
-    theirs.eval(), ours.eval()
+    theirs, ours = peft_twins(lambda: tiny_gemma3(tie=True), lambda L: L.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]), seed=4, scale=0.5)
     batch = _batch(ours)
     ref = _logits(theirs, batch)
     torch.testing.assert_close(_logits(ours, batch), ref, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import inputs_for, output_of, perturb, tiny_llama
+from conftest import inputs_for, output_of, peft_twins, perturb, tiny_llama
 import peftkit
 
 peft = pytest.importorskip("peft")
@@ -96,9 +96,8 @@ def test_one_adapter_merges_once(case):
 def test_gradients_are_the_sum_of_both_uses(case):
     """PEFT keeps two Parameters over the same storage (the head's is a transposed view); their
     gradients, summed, are the one gradient of peftkit's single tensor."""
-    theirs, ours = _make(peft, case), _make(peftkit, case)
-    perturb(theirs, 5, scale=0.3)
-    peftkit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    theirs, ours = peft_twins(lambda: tiny_llama(tie_word_embeddings=True), lambda L: _config(L, case),
+                              seed=5, scale=0.3)
     batch = inputs_for(ours)
     for model in (theirs, ours):
         model.train()
@@ -145,12 +144,47 @@ def test_warnings_and_errors_as_peft(kw, tied):
 
 
 def test_rescale_on_a_tied_adapter_as_peft():
-    theirs, ours = _make(peft, "lora_embed"), _make(peftkit, "lora_embed")
-    perturb(theirs, 6, scale=0.3)
-    peftkit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
-    theirs.eval(), ours.eval()
+    theirs, ours = peft_twins(lambda: tiny_llama(tie_word_embeddings=True), lambda L: _config(L, "lora_embed"),
+                              seed=6, scale=0.3)
     batch = inputs_for(ours)
     with peft.helpers.rescale_adapter_scale(theirs, 0.5):
         ref = output_of(theirs, batch)
     with peftkit.helpers.rescale_adapter_scale(ours, 0.5):
         torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(target_modules=["embed_tokens", "q"]),
+                                dict(target_modules=["q"], modules_to_save=["embed_tokens"])], ids=["lora", "copy"])
+def test_encoder_decoder_with_tied_embeddings_is_refused_before_any_work(kw):
+    """T5's encoder and decoder embed_tokens share `shared`'s weight: their adapters cannot be
+    tied (PEFT 0.21 gives them LoRAs of their own that it cannot reload, or crashes for copies);
+    peftkit says so and leaves the model as it was."""
+    from conftest import tiny_t5
+
+    model = tiny_t5()
+    with pytest.raises(peftkit.ConfigError, match="encoder-decoder.*trainable_token_indices"):
+        peftkit.get_peft_model(model, peftkit.LoraConfig(r=2, ensure_weight_tying=True, **kw))
+    assert not any(type(m).__name__ == "Site" for m in model.modules())
+
+
+def test_gpt2_head_named_ties_to_wte_and_reloads_tied(tmp_path):
+    """GPT-2's input embedding is transformer.wte: naming lm_head makes one adapter on wte for
+    both (PEFT's rewrite and files); the saved config names wte by its path, and loading it ties
+    again (PEFT 0.21 does not re-tie there: its check looks for embed_tokens/lm_head only)."""
+    from conftest import tiny_gpt2
+
+    theirs, ours = peft_twins(tiny_gpt2, lambda L: L.LoraConfig(r=2, target_modules=["lm_head", "c_attn"],
+                                                                ensure_weight_tying=True), seed=3, scale=0.3)
+    batch = inputs_for(ours)
+    ref = output_of(theirs, batch)
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+    assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours.save_pretrained(str(tmp_path))
+        theirs.save_pretrained(str(tmp_path / "theirs"))
+        again = peftkit.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path))
+    assert _files(tmp_path) == _files(tmp_path / "theirs")
+    torch.testing.assert_close(output_of(again, batch), ref, atol=1e-5, rtol=1e-5)
+    again.merge_adapter()
+    torch.testing.assert_close(output_of(again, batch), ref, atol=1e-4, rtol=1e-4)

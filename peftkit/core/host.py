@@ -322,7 +322,10 @@ class Host(nn.Module):
             else:
                 warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=3)
                 return
-        for _, site in sites(self.model):
+        every = [site for _, site in sites(self.model)]
+        for site in every:  # all or nothing: a refusal anywhere leaves every weight as it was
+            site.check_merge(names)
+        for site in every:
             site.merge(names, safe_merge=safe_merge)
 
     def unmerge(self) -> None:

@@ -350,15 +350,23 @@ class Site(BaseLayerPassthrough):
         return out
 
     # ----- merging ------------------------------------------------------------------
+    def check_merge(self, names: Iterable[str]) -> None:
+        """Raise, changing nothing, if one of the named adapters here cannot be merged (the
+        method's explanation, or a quantised base); the host asks every Site before merging any."""
+        names = list(names)
+        _refuse_quantized(self.base_layer, names, self.deltas, self.merged)
+        for n in names:
+            if n in self.deltas and n not in self.merged and not self.deltas[n].mergeable:
+                self.deltas[n].delta_weight(self.base_layer)  # raises the method's explanation
+
     def merge(self, names: Iterable[str], safe_merge: bool = False) -> None:
         """Fold the named adapters present here into the base weight, in order."""
-        _refuse_quantized(self.base_layer, names, self.deltas, self.merged)
+        names = list(names)
+        self.check_merge(names)
         for n in names:
             if n not in self.deltas or n in self.merged:
                 continue
             d = self.deltas[n]
-            if not d.mergeable:
-                d.delta_weight(self.base_layer)  # raises the method's explanation
             if safe_merge:
                 backup = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
                 d.merge(self.base_layer)

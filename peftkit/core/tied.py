@@ -78,10 +78,16 @@ def tied_paths(model: nn.Module) -> list[str]:
     return out
 
 
-def _names_embedding(spec) -> bool:
+def names_embedding(spec, model: Optional[nn.Module] = None) -> bool:
+    """Whether a ``target_modules``/``modules_to_save`` spec names ``embed_tokens`` or ``lm_head``
+    (PEFT's test: a list entry's last component, or a regex matching the bare name); with
+    ``model``, also whether a list names that model's input embedding by its path
+    (``transformer.wte``, as PEFT's ``ensure_weight_tying`` rewrite adds it to a saved config)."""
     if isinstance(spec, str):
         return any(re.fullmatch(spec, name) for name in EMBEDDING_LAYER_NAMES)
-    return any(str(m).split(".")[-1] in EMBEDDING_LAYER_NAMES for m in spec or ())
+    paths = (input_embedding_path(model),) if model is not None else ()
+    return any(str(m).split(".")[-1] in EMBEDDING_LAYER_NAMES or any(p == m or p.endswith("." + str(m)) for p in paths)
+               for m in spec or ())
 
 
 def warn_tied_targets(config, model: nn.Module) -> None:
@@ -93,10 +99,12 @@ def warn_tied_targets(config, model: nn.Module) -> None:
       which matters when merging or converting (LoRA's message names ``ensure_weight_tying``);
     - ``ensure_weight_tying=True`` with nothing to tie, in the model or in the config.
     """
-    named = _names_embedding(getattr(config, "target_modules", None)) or \
-        _names_embedding(getattr(config, "modules_to_save", None))
+    ensure = getattr(config, "ensure_weight_tying", False)
+    on = model if ensure else None  # ensure_weight_tying also ties an embedding named by its path
+    named = names_embedding(getattr(config, "target_modules", None), on) or \
+        names_embedding(getattr(config, "modules_to_save", None), on)
     tied = bool(tied_paths(model))
-    if getattr(config, "ensure_weight_tying", False):
+    if ensure:
         if not tied:
             msg = "You have requested `ensure_weight_tying`, but no tied modules were found in the model"
         elif not named:

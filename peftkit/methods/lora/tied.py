@@ -33,14 +33,9 @@ from ...core.copies import ModuleCopy
 from ...core.inject import attach
 from ...core.method import Delta, UnsupportedSite
 from ...core.site import Site
-from ...core.tied import EMBEDDING_LAYER_NAMES, input_embedding_path, tied_paths, unwrap
+from ...config import ConfigError
+from ...core.tied import input_embedding_path, names_embedding, tied_paths, unwrap
 from .delta import LoraEmbedding
-
-
-def _names_an_embedding(spec) -> bool:
-    if isinstance(spec, str):
-        return any(re.fullmatch(spec, n) for n in EMBEDDING_LAYER_NAMES)
-    return any(str(m).split(".")[-1] in EMBEDDING_LAYER_NAMES for m in spec or ())
 
 
 def _without_tied(names: list, tied: list[str]) -> list:
@@ -57,12 +52,22 @@ def _without_tied(names: list, tied: list[str]) -> list:
 def tying(config, model: nn.Module) -> Optional[str]:
     """What ``ensure_weight_tying`` ties, by PEFT's rule: ``"copies"`` when ``modules_to_save``
     names ``embed_tokens``/``lm_head``, else ``"lora"`` when ``target_modules`` does (a regex must
-    match the bare name), else None (also when the model ties nothing)."""
-    if not getattr(config, "ensure_weight_tying", False) or not tied_paths(model):
+    match the bare name), else None (also when the model ties nothing). The input embedding's own
+    path counts as naming it (GPT-2's ``transformer.wte``; the path the rewrite adds, so a saved
+    config ties again when loaded). Encoder-decoders whose tied layers include embeddings are refused."""
+    tied = tied_paths(model) if getattr(config, "ensure_weight_tying", False) else []
+    if not tied:
         return None
-    if any(str(m).split(".")[-1] in EMBEDDING_LAYER_NAMES for m in config.modules_to_save or ()):
-        return "copies"
-    return "lora" if _names_an_embedding(config.target_modules) else None
+    kind = "copies" if names_embedding(config.modules_to_save, model) else \
+        "lora" if names_embedding(config.target_modules, model) else None
+    shared = [p for p in tied if isinstance(unwrap(model.get_submodule(p)), nn.Embedding)]
+    if kind is not None and shared:
+        raise ConfigError(
+            f"ensure_weight_tying ties an output head to the input embedding, but in this model {shared} are "
+            f"embeddings of their own that share {input_embedding_path(model)!r}'s weight (an encoder-decoder "
+            "such as T5 or BART); their adapters cannot be tied (PEFT 0.21 fails there too). Leave "
+            "ensure_weight_tying off; to train token rows, trainable_token_indices ties all of them.")
+    return kind
 
 
 def rewrite_for_tying(config, model: nn.Module):
