@@ -21,7 +21,7 @@ from .config import PeftConfig, PeftType, TaskType
 from .core.host import IncompatibleKeys, host_for
 from .core.packed import packed_numel
 from .core.site import Site
-from .io.checkpoint import WEIGHTS_NAME, atomic_save_tensors, load_tensors
+from .io.checkpoint import load_tensors
 
 
 class PeftModel(nn.Module):

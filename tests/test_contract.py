@@ -2,7 +2,6 @@
 same tiny models: warnings, exception types, return values, dtypes and train/eval state."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest

@@ -1,7 +1,6 @@
 """Hugging Face PEFT interoperability: adapters cross between the libraries with equal logits."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 

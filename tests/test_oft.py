@@ -11,7 +11,6 @@ products run on this machine and the comparison covers every factor count.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import warnings
@@ -22,7 +21,6 @@ from torch import nn
 
 from conftest import inputs_for, output_of, perturb, tiny_bert_cls, tiny_gpt2, tiny_llama
 from peftkit import BOFTConfig, ConfigError, OFTConfig, PeftModel, get_peft_model
-from peftkit.core.site import Site
 from peftkit.methods.oft import cayley, closest_divisor
 
 peft = pytest.importorskip("peft")
