@@ -188,3 +188,20 @@ def test_gpt2_head_named_ties_to_wte_and_reloads_tied(tmp_path):
     torch.testing.assert_close(output_of(again, batch), ref, atol=1e-5, rtol=1e-5)
     again.merge_adapter()
     torch.testing.assert_close(output_of(again, batch), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_hotswap_a_tied_adapter(tmp_path):
+    """hotswap_adapter swaps the embedding's tensors; the head's copies in the file are accepted."""
+    from peftkit.methods.lora.hotswap import hotswap_adapter
+
+    first, second = _make(peftkit, "lora_embed"), _make(peftkit, "lora_embed")
+    perturb(first, 1, scale=0.3)
+    perturb(second, 2, scale=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first.save_pretrained(str(tmp_path / "a"))
+        second.save_pretrained(str(tmp_path / "b"))
+        model = peftkit.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), str(tmp_path / "a"))
+    batch = inputs_for(model)
+    hotswap_adapter(model, str(tmp_path / "b"), adapter_name="default")
+    torch.testing.assert_close(output_of(model, batch), output_of(second.eval(), batch), atol=1e-6, rtol=0)

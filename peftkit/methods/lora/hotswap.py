@@ -160,6 +160,8 @@ def _plan(peft_model, tensors: dict[str, torch.Tensor], adapter_name: str, confi
                 raise CheckpointError(f"{source}: {PREFIX + k!r} has shape {tuple(value.shape)}, expected {tuple(dest.shape)}.")
             plan.append((dest, value))
             seen.add(PREFIX + k)
+    # tied layers' copies of tensors handled above (ensure_weight_tying): nothing of their own to swap
+    seen.update(PREFIX + k for k in get_method(old.peft_type).tied_copies(host, old, adapter_name))
     unexpected = [k for k in tensors if k not in seen]
     if unexpected:
         raise CheckpointError(f"{source}: tensor {unexpected[0]!r} has no place in adapter {adapter_name!r} "
