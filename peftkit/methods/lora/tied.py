@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config import ConfigError
 from ...core.copies import ModuleCopy
 from ...core.inject import attach
 from ...core.method import Delta, UnsupportedSite
 from ...core.site import Site
-from ...config import ConfigError
 from ...core.tied import input_embedding_path, names_embedding, tied_paths, unwrap
 from .delta import LoraEmbedding
 
