@@ -205,3 +205,30 @@ def test_hotswap_a_tied_adapter(tmp_path):
     batch = inputs_for(model)
     hotswap_adapter(model, str(tmp_path / "b"), adapter_name="default")
     torch.testing.assert_close(output_of(model, batch), output_of(second.eval(), batch), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case,key", [
+    ("lora_embed", "base_model.model.lm_head.lora_A.weight"),
+    ("copy_embed", "base_model.model.lm_head.weight"),
+    ("tokens", "base_model.model.lm_head.trainable_tokens_delta"),
+])
+def test_a_tied_copy_that_differs_is_refused(case, key, tmp_path):
+    """The head's copy must repeat the embedding's tensor; a file whose copy differs (saved from
+    untied layers) is refused, naming both keys, instead of loading the embedding's alone."""
+    from safetensors.torch import save_file
+
+    if case == "tokens":
+        model = peftkit.get_peft_model(tiny_llama(tie_word_embeddings=True), peftkit.TrainableTokensConfig(token_indices=[3, 5]))
+    else:
+        model = _make(peftkit, case)
+    perturb(model, 1, scale=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(tmp_path))
+        peftkit.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), str(tmp_path))  # as saved: fine
+        tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+        assert key in tensors
+        tensors[key] = tensors[key] + 1
+        save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+        with pytest.raises(peftkit.CheckpointError, match="should repeat .* values differ"):
+            peftkit.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), str(tmp_path))

@@ -84,6 +84,7 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
             if tuple(optional[key].shape) != tuple(value.shape):
                 raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(value.shape)} but this model "
                                       f"needs {tuple(optional[key].shape)}; load it onto the base it was trained on.")
+            _check_copy(key, value, optional[key], expected, tensors, source)
             continue
         if key in embeddings and key not in expected:
             if (problem := check_shape(key, embeddings[key], value, source)) is not None:
@@ -113,6 +114,30 @@ def load_plan(host, name: str, tensors: dict[str, torch.Tensor], source: str):
             "checkpoint is incomplete or belongs to a different configuration."
         )
     return plan
+
+
+def _check_copy(key: str, value: torch.Tensor, view: torch.Tensor, expected: dict, tensors: dict, source: str) -> None:
+    """A tied copy in a file must repeat the tensor it is tied to (``view`` is that tensor, or its
+    transpose): the file's value under the owner's key, transposed alike. A copy that differs was
+    saved from untied layers, and loading only the owner would silently change the model, so it
+    is refused. (The owner may still be a loading placeholder, so the relation is read from the
+    shapes, not the strides.)"""
+    owner = view._base if view._base is not None else view
+    owner_key = next((k for k, t in expected.items() if t is owner), None)
+    if owner_key is None or owner_key not in tensors:
+        return
+    held = tensors[owner_key]
+    if view is owner:
+        implied = held
+    elif view.dim() == 2 and tuple(view.shape) == tuple(owner.shape)[::-1]:
+        implied = held.t()
+    else:
+        return
+    if not torch.equal(implied.to(value.dtype), value):
+        raise CheckpointError(
+            f"{source}: tensor {key!r} should repeat {owner_key!r} (the layers are tied, so they share one "
+            "adapter), but its values differ: the file was saved from untied layers. Load it with a config "
+            "that does not tie them (ensure_weight_tying=False), or save it again from a tied model.")
 
 
 @torch.no_grad()
