@@ -375,3 +375,21 @@ def test_tied_layer_warning_as_peft(case, tied):
         got[lib] = [str(w.message) for w in caught if "tie_word_embeddings" in str(w.message)]
     assert got[peftkit] == got[peft]
     assert bool(got[peft]) == (tied and case not in ("tt_default", "lora_tokens"))
+
+
+def test_rows_of_a_module_trained_in_full_are_refused():
+    """modules_to_save and trainable_token_indices on one embedding: PEFT's error for the dict
+    form (same message); for the list form (PEFT 0.21 nests the rows over the full copy) peftkit
+    refuses the pair with the same first sentence and leaves the model as it was."""
+    cfg = lambda L, tti: L.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],  # noqa: E731
+                                      trainable_token_indices=tti)
+    errs = {}
+    for lib in (peft, __import__("peftkit")):
+        with pytest.raises(ValueError) as e:
+            lib.get_peft_model(tiny_llama(), cfg(lib, {"embed_tokens": [1, 2]}))
+        errs[lib] = str(e.value)
+    assert errs[peft] in errs[__import__("peftkit")]
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="already marked to be trained fully.*model.embed_tokens"):
+        get_peft_model(model, cfg(__import__("peftkit"), [1, 2]))
+    assert not any(type(m).__name__ == "Site" for m in model.modules())

@@ -241,6 +241,15 @@ def attach_token_rows(host, config, adapter_name: str) -> None:
                       "Weight tying will not be applied for trainable_token_indices.", UserWarning, stacklevel=5)
     if tie:  # listed tied layers become tied versions of the embedding's rows
         paths = {n: [p for p in ps if p not in tied] for n, ps in paths.items()}
+    for name, ps in paths.items():
+        for path in ps:
+            site = model.get_submodule(path)
+            if isinstance(site, Site) and site.deltas._modules.get(adapter_name) is not None:
+                raise ConfigError(
+                    f"The embedding layer is already marked to be trained fully, either specify `modules_to_save=[..., "
+                    f"\"{name}\", ...]` or `trainable_tokens={{'{name}': x}}` but not both. ({path!r} is in "
+                    "modules_to_save, so its rows train in full already; peftkit refuses the pair, where PEFT 0.21 "
+                    "nests the rows on top of the copy.)")
     done = []
     try:
         for name, ps in paths.items():

@@ -139,8 +139,10 @@ class LoraConfig(PeftConfig):
             if isinstance(self.trainable_token_indices, dict) and self.modules_to_save:
                 both = [n for n in self.trainable_token_indices if n in self.modules_to_save]
                 if both:
-                    raise ConfigError(f"{both[0]!r} is in modules_to_save (trained in full) and in trainable_token_indices; "
-                                      "pick one of the two for it.")
+                    raise ConfigError(
+                        "The embedding layer is already marked to be trained fully, either specify "
+                        f'`modules_to_save=[..., "{both[0]}", ...]` or `trainable_tokens={{\'{both[0]}\': x}}` but not '
+                        f"both. ({both[0]!r} is in modules_to_save and in trainable_token_indices.)")
         if isinstance(self.loftq_config, LoftQConfig):
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         if self.loftq_config is None:
