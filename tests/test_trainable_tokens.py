@@ -393,3 +393,31 @@ def test_rows_of_a_module_trained_in_full_are_refused():
     with pytest.raises(ConfigError, match="already marked to be trained fully.*model.embed_tokens"):
         get_peft_model(model, cfg(__import__("peftkit"), [1, 2]))
     assert not any(type(m).__name__ == "Site" for m in model.modules())
+
+
+def tiny_bert_mlm():
+    """BERT for masked LM: the decoder (with a bias of its own) is tied to word_embeddings."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    return BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64)).eval()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bert_mlm_tied_decoder_with_bias_as_peft(lora, tmp_path):
+    make = (lambda L: L.LoraConfig(r=2, target_modules=["query"], trainable_token_indices=IDS)) if lora else (
+        lambda L: L.TrainableTokensConfig(token_indices=IDS))
+    pm = peft.get_peft_model(tiny_bert_mlm(), make(peft))
+    perturb(pm, 1, scale=0.5)
+    pm.eval()
+    batch = _ids_batch(pm)
+    ref = output_of(pm, batch)
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    ours = PeftModel.from_pretrained(tiny_bert_mlm(), str(tmp_path / "theirs")).eval()
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+    ours.merge_adapter()
+    torch.testing.assert_close(output_of(ours, batch), ref, atol=1e-5, rtol=1e-5)
+    ours.unmerge_adapter()
+    ours.save_pretrained(str(tmp_path / "ours"))
+    assert _keys(tmp_path / "ours") == _keys(tmp_path / "theirs")

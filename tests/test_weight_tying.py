@@ -232,3 +232,18 @@ def test_a_tied_copy_that_differs_is_refused(case, key, tmp_path):
         save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
         with pytest.raises(peftkit.CheckpointError, match="should repeat .* values differ"):
             peftkit.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), str(tmp_path))
+
+
+def test_embedding_named_by_its_own_suffix_is_not_tied_as_in_peft(tmp_path):
+    """BertForMaskedLM's `word_embeddings` is not one of PEFT's embedding names: with
+    ensure_weight_tying PEFT warns that nothing is tied and adapts the embedding alone; so does
+    peftkit, with the same outputs (a saved config's full path, as the rewrite writes it, does tie)."""
+    from test_trainable_tokens import tiny_bert_mlm
+
+    cfg = lambda L: L.LoraConfig(r=2, target_modules=["word_embeddings"], ensure_weight_tying=True)  # noqa: E731
+    got = {lib: _warned(lib, tiny_bert_mlm(), target_modules=["word_embeddings"], ensure_weight_tying=True)
+           for lib in LIBS}
+    assert got[peftkit] == got[peft] and got[peft][0]
+    theirs, ours = peft_twins(tiny_bert_mlm, cfg, seed=2, scale=0.5)
+    batch = {"input_ids": torch.tensor([[3, 4, 5, 7, 9]])}
+    torch.testing.assert_close(output_of(ours, batch), output_of(theirs, batch), atol=1e-5, rtol=1e-5)

@@ -81,13 +81,12 @@ def tied_paths(model: nn.Module) -> list[str]:
 def names_embedding(spec, model: Optional[nn.Module] = None) -> bool:
     """Whether a ``target_modules``/``modules_to_save`` spec names ``embed_tokens`` or ``lm_head``
     (PEFT's test: a list entry's last component, or a regex matching the bare name); with
-    ``model``, also whether a list names that model's input embedding by its path
-    (``transformer.wte``, as PEFT's ``ensure_weight_tying`` rewrite adds it to a saved config)."""
+    ``model``, also whether a list holds that model's input embedding's full path
+    (``transformer.wte``), as PEFT's ``ensure_weight_tying`` rewrite writes it into a saved config."""
     if isinstance(spec, str):
         return any(re.fullmatch(spec, name) for name in EMBEDDING_LAYER_NAMES)
-    paths = (input_embedding_path(model),) if model is not None else ()
-    return any(str(m).split(".")[-1] in EMBEDDING_LAYER_NAMES or any(p == m or p.endswith("." + str(m)) for p in paths)
-               for m in spec or ())
+    path = input_embedding_path(model) if model is not None else None
+    return any(str(m).split(".")[-1] in EMBEDDING_LAYER_NAMES or m == path for m in spec or ())
 
 
 def warn_tied_targets(config, model: nn.Module) -> None:
