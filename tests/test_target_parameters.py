@@ -225,3 +225,21 @@ def test_gradients_match_peft(tmp_path):
     assert sorted(got) == sorted(ref) and len(ref) == 8  # 2 layers x 2 parameters x (A, B)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [tiny_qwen3_moe, tiny_gpt_oss], ids=["qwen3_moe", "gpt_oss"])
+def test_rank_and_alpha_patterns_apply_per_parameter_as_in_peft(make, tmp_path):
+    """PEFT matches rank_pattern/alpha_pattern against ``<owner>.<parameter>``: two parameters of
+    one `experts` module get their own rank and scale; files and logits equal both ways."""
+    kw = cfg(rank_pattern={"down_proj": 1}, alpha_pattern={"gate_up_proj": 8}, r=3)
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(**kw))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours = PeftModel.from_pretrained(make(), str(tmp_path / "theirs"))
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=1e-5)
+    fresh = get_peft_model(make(), LoraConfig(**kw))
+    shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items() if "lora_" in k}
+    assert {s for k, s in shapes.items() if "down_proj.lora_A" in k} == {(4 * 1, 16)}  # E * r rows
+    assert {s for k, s in shapes.items() if "gate_up_proj.lora_A" in k} == {(4 * 3, 32)}
+    ours.merge_adapter()
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=1e-5)

@@ -45,7 +45,7 @@ class LoraMethod(Method):
     def make_delta(self, config: LoraConfig, path: str, module: nn.Module, adapter_name: str):
         r, alpha = config.rank_and_alpha(path)
         if config.target_parameters and (names := targeted_parameters(config, path, module)):
-            return _parameters_delta(config, path, module, names, r, alpha)
+            return _parameters_delta(config, path, module, names)
         kw = dict(r=r, alpha=alpha, dropout=float(config.lora_dropout), use_rslora=config.use_rslora,
                   use_dora=config.use_dora)
         bias = bool(getattr(config, "lora_bias", False))
@@ -150,7 +150,7 @@ def _attention_delta(config: LoraConfig, module: nn.MultiheadAttention, bias: bo
     return delta
 
 
-def _parameters_delta(config: LoraConfig, path: str, module: nn.Module, names: list[str], r: int, alpha: float):
+def _parameters_delta(config: LoraConfig, path: str, module: nn.Module, names: list[str]):
     """The Delta for the owner of targeted parameters (params.py), with PEFT's restrictions."""
     from ...core.inject import matches_targets
 
@@ -160,7 +160,8 @@ def _parameters_delta(config: LoraConfig, path: str, module: nn.Module, names: l
     if config.init_lora_weights not in (True, False, "gaussian"):
         raise UnsupportedSite(f"init_lora_weights={config.init_lora_weights!r} is not supported with "
                               "target_parameters (True, False or 'gaussian').")
-    delta = LoraParameters(module, names, r=r, alpha=alpha, use_rslora=config.use_rslora)
+    ranks = {n: config.rank_and_alpha(f"{path}.{n}") for n in names}  # PEFT: patterns per parameter
+    delta = LoraParameters(module, names, ranks, use_rslora=config.use_rslora)
     p = getattr(module, names[0])
     delta.to(dtype=p.dtype if p.is_floating_point() else torch.float32)  # PEFT: the parameter's dtype
     delta.reset(config.init_lora_weights)

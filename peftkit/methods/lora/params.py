@@ -60,14 +60,16 @@ def parameter_layout(owner: nn.Module, name: str) -> tuple[int, int, int, bool]:
 class ParamFactors(nn.Module):
     """``lora_A`` (E*r x in) and ``lora_B`` (out x E*r) for one parameter (PEFT's shapes)."""
 
-    def __init__(self, experts: int, in_f: int, out_f: int, r: int, transposed: bool):
+    def __init__(self, experts: int, in_f: int, out_f: int, r: int, transposed: bool, scaling: float):
         super().__init__()
         self.experts, self.r, self.transposed = experts, r, transposed
+        self.scaling = scaling  # this parameter's alpha / r (rank_pattern / alpha_pattern apply per parameter)
         self.lora_A = new_parameter(experts * r, in_f)
         self.lora_B = new_parameter(out_f, experts * r)
 
-    def update(self, scaling: float, like: torch.Tensor) -> torch.Tensor:
+    def update(self, like: torch.Tensor) -> torch.Tensor:
         """``s B_e A_e`` for every expert, in ``like``'s layout and dtype."""
+        scaling = self.scaling
         a, b = self.lora_A.to(like.dtype), self.lora_B.to(like.dtype)
         if like.dim() == 2:
             return (b @ a) * scaling
@@ -87,13 +89,28 @@ class LoraParameters(Delta):
     replaces_base = True  # the owner runs here, with the updated parameters
     peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
-    def __init__(self, owner: nn.Module, names: list[str], r: int, alpha: float, use_rslora: bool):
+    def __init__(self, owner: nn.Module, names: list[str], ranks: dict[str, tuple[int, float]], use_rslora: bool):
+        """``ranks``: parameter name -> (r, alpha), as ``rank_pattern``/``alpha_pattern`` give them
+        for ``<owner path>.<name>`` (PEFT matches the patterns per parameter)."""
         super().__init__()
-        self.r, self.alpha = r, alpha
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.names = list(names)  # the owner's registration order: PEFT's nesting, innermost first
-        self.factors = nn.ModuleDict({n: ParamFactors(*_args(owner, n, r)) for n in self.names})
+        self.r, self.alpha = ranks[self.names[0]]
+        scale = (lambda r, a: a / math.sqrt(r)) if use_rslora else (lambda r, a: a / r)
+        self.factors = nn.ModuleDict({n: ParamFactors(*_args(owner, n, ranks[n][0]), scale(*ranks[n]))
+                                      for n in self.names})
         self.__dict__["_owner"] = owner  # a plain reference: the Site owns the module
+
+    @property
+    def scaling(self) -> float:
+        """The scale of the first targeted parameter's update; setting it rescales every one of
+        them by the same factor (``peftkit.helpers.rescale_adapter_scale``)."""
+        return next(iter(self.factors.values())).scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        current = self.scaling
+        for f in self.factors.values():
+            f.scaling = value if current == 0 else f.scaling * (value / current)
 
     def reset(self, init) -> None:
         """PEFT's initialisation: True (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r),
@@ -104,7 +121,7 @@ class LoraParameters(Delta):
             for f in self.factors.values():
                 nn.init.kaiming_uniform_(f.lora_A, a=math.sqrt(5))
                 if init == "gaussian":
-                    nn.init.normal_(f.lora_A, std=1 / self.r)
+                    nn.init.normal_(f.lora_A, std=1 / f.r)
                 if init is False:
                     nn.init.kaiming_uniform_(f.lora_B, a=math.sqrt(5))
                 else:
@@ -124,7 +141,7 @@ class LoraParameters(Delta):
             w = getattr(owner, name)
             for d in deltas:
                 if name in d.factors:
-                    w = w + d.factors[name].update(d.scaling, w)
+                    w = w + d.factors[name].update(w)
             out[name] = w
         return out
 
@@ -142,19 +159,19 @@ class LoraParameters(Delta):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """The update of the first targeted parameter (all of them: :meth:`merge`)."""
         n = self.names[0]
-        return self.factors[n].update(self.scaling, getattr(base, n))
+        return self.factors[n].update(getattr(base, n))
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
         for n, f in self.factors.items():
             w = getattr(base, n)
-            w.add_(f.update(self.scaling, w))
+            w.add_(f.update(w))
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
         for n, f in self.factors.items():
             w = getattr(base, n)
-            w.sub_(f.update(self.scaling, w))
+            w.sub_(f.update(w))
 
     # ----- PEFT's keys: one nested wrapper per parameter, the first registered innermost ----------
     def _prefix(self, name: str) -> str:
@@ -191,7 +208,7 @@ def link_sites(host: nn.Module, adapter_name: str) -> None:
 
 def _args(owner: nn.Module, name: str, r: int):
     e, in_f, out_f, transposed = parameter_layout(owner, name)
-    return e, in_f, out_f, r, transposed
+    return e, in_f, out_f, r, transposed  # ParamFactors' arguments before the scale
 
 
 def targeted_parameters(config, path: str, module: nn.Module) -> list[str]:
