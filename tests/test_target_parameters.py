@@ -243,3 +243,40 @@ def test_rank_and_alpha_patterns_apply_per_parameter_as_in_peft(make, tmp_path):
     assert {s for k, s in shapes.items() if "gate_up_proj.lora_A" in k} == {(4 * 3, 32)}
     ours.merge_adapter()
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=1e-5)
+
+
+def test_hotswap_under_compile_without_recompiling(tmp_path):
+    """hotswap_adapter copies another saved adapter of the same ranks into LoRA on parameters
+    (its scale folded into B): the compiled model gives the new adapter's logits without a
+    recompile; a file of another rank is refused and the model is left as it was."""
+    import torch._dynamo
+    from peftkit.io.checkpoint import CheckpointError
+    from peftkit.methods.lora.hotswap import hotswap_adapter, prepare_for_hotswap
+
+    torch.manual_seed(11)
+    first = get_peft_model(tiny_qwen3_moe(), LoraConfig(**cfg(target_modules=["q_proj"])))
+    first.save_pretrained(str(tmp_path / "a"))
+    torch.manual_seed(12)
+    second = get_peft_model(tiny_qwen3_moe(), LoraConfig(**cfg(target_modules=["q_proj"], lora_alpha=16,
+                                                                alpha_pattern={"down_proj": 2})))
+    second.save_pretrained(str(tmp_path / "b"))
+    torch.manual_seed(13)
+    get_peft_model(tiny_qwen3_moe(), LoraConfig(**cfg(r=3))).save_pretrained(str(tmp_path / "r3"))
+
+    model = PeftModel.from_pretrained(tiny_qwen3_moe(), str(tmp_path / "a"))
+    prepare_for_hotswap(model, target_rank=4)  # pads q_proj's LoRA, keeps the experts' ranks
+    model.save_pretrained(str(tmp_path / "padded"))
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_qwen3_moe(), str(tmp_path / "padded"))),
+                               logits(first), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**batch()).logits, logits(first), atol=1e-5, rtol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            hotswap_adapter(model, str(tmp_path / "b"), adapter_name="default")
+            torch.testing.assert_close(compiled(**batch()).logits, logits(second), atol=1e-5, rtol=1e-5)
+    before = logits(model)
+    with pytest.raises(CheckpointError, match="same rank"):
+        hotswap_adapter(model, str(tmp_path / "r3"), adapter_name="default")
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+    torch._dynamo.reset()

@@ -5,8 +5,8 @@ rebuilding anything: :func:`hotswap_adapter` copies the new adapter's tensors in
 parameters (``copy_`` into the same storage), so module structure, parameter identity, shapes and
 every Python attribute the compiled graph was traced with stay the same, and nothing recompiles.
 
-Hot-swapping supports LoRA adapters (and their ``modules_to_save`` copies), as Hugging Face
-PEFT does: other methods' outputs depend on hyperparameters that an in-place copy cannot change.
+Hot-swapping supports LoRA adapters (and their ``modules_to_save`` copies; LoRA on parameters,
+``target_parameters``, at the ranks allocated), as Hugging Face PEFT does: other methods' outputs depend on hyperparameters that an in-place copy cannot change.
 For an allocated adapter of rank ``R`` and scale ``s`` and a new one of rank
 ``r <= R`` and scale ``s'``::
 
@@ -41,6 +41,7 @@ from ...core.registry import get_method
 from ...core.packed import unpack_adapter
 from ...io.checkpoint import CheckpointError, load_tensors
 from ...io.peft_format import PREFIX
+from .params import LoraParameters
 
 # local parameter name -> the dimension that holds the rank
 _RANK_DIM = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
@@ -64,12 +65,11 @@ def _canonical(host, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, t
         if name not in site.deltas:
             continue
         delta = site.deltas[name]
-        if delta.replaces_base and not isinstance(delta, ModuleCopy):
+        if delta.replaces_base and not isinstance(delta, (ModuleCopy, LoraParameters)):
             raise NotImplementedError(
                 f"hot-swapping adapter {name!r} is not supported: its Delta at {path} "
-                f"({type(delta).__name__}) computes the whole layer (LoRA on nn.MultiheadAttention or "
-                "on parameters, target_parameters). Load the new adapter with load_adapter() and "
-                "set_adapter() instead.")
+                f"({type(delta).__name__}) computes the whole layer (LoRA on nn.MultiheadAttention). "
+                "Load the new adapter with load_adapter() and set_adapter() instead.")
         if isinstance(delta, ModuleCopy):  # modules_to_save copies
             for pname in delta.module.state_dict():
                 alias[f"{PREFIX}{path}.modules_to_save.{pname}"] = f"{PREFIX}{path}.{pname}"
@@ -123,6 +123,10 @@ def _plan(peft_model, tensors: dict[str, torch.Tensor], adapter_name: str, confi
         local = delta.state_dict(keep_vars=True)
         keys = {f"{PREFIX}{path}.{suffix}": delta.local_name(suffix) for suffix in delta.peft_state()}
         present = [k for k in keys if k in tensors]
+        if isinstance(delta, LoraParameters):
+            plan += _parameters_plan(delta, path, keys, present, tensors, config, source)
+            seen.update(present)
+            continue
         if _is_lora(delta) and not present and delta.magnitude is None:
             for name in keys.values():
                 if name in _B_NAMES:  # the new adapter leaves this layer alone
@@ -170,6 +174,35 @@ def _plan(peft_model, tensors: dict[str, torch.Tensor], adapter_name: str, confi
     return plan
 
 
+def _parameters_plan(delta, path: str, keys: dict, present: list, tensors: dict, config, source: str) -> list:
+    """LoRA on parameters (params.py): each parameter's factors at the allocated rank, the new
+    scale folded into B as for layers (``s B A = s' B' A'``); an owner the new adapter leaves
+    alone gets ``B = 0``. Expert factors are not padded (their rows are expert-major), so a
+    different rank is an error."""
+    local = delta.state_dict(keep_vars=True)
+    if not present:
+        return [(local[n], torch.zeros_like(local[n])) for n in keys.values() if n.endswith("lora_B")]
+    if len(present) != len(keys):
+        missing = next(k for k in keys if k not in tensors)
+        raise CheckpointError(f"{source}: missing tensor {missing!r}; the new adapter must cover the same "
+                              "parameters of every module it targets.")
+    plan = []
+    for key, name in keys.items():
+        param = name.split(".")[1]  # factors.<parameter>.lora_A
+        factors, dest, value = delta.factors[param], local[name], tensors[key]
+        if tuple(value.shape) != tuple(dest.shape):
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(value.shape)} but the loaded adapter "
+                                  f"has {tuple(dest.shape)}; hot-swapping LoRA on parameters needs the same rank "
+                                  "(expert factors are not padded).")
+        if name.endswith("lora_B"):
+            if factors.scaling == 0:
+                raise ValueError(f"the loaded adapter has scale 0 at {path}.{param} (lora_alpha=0); it cannot "
+                                 "carry another adapter's update. Load it with a nonzero lora_alpha.")
+            value = value.to(dest.dtype) * (_scale(config, f"{path}.{param}")[1] / factors.scaling)
+        plan.append((dest, value))
+    return plan
+
+
 @torch.no_grad()
 def hotswap_adapter_from_state_dict(peft_model, tensors: dict[str, torch.Tensor], adapter_name: str,
                                     config: PeftConfig, source: str = "state dict") -> None:
@@ -207,15 +240,22 @@ def prepare_for_hotswap(peft_model, target_rank: int, adapter_names: Optional[li
             raise ValueError(f"prepare_for_hotswap pads LoRA adapters; {name!r} is {cfg.peft_type}.")
         alphas = {}
         unpack_adapter(host, name)  # padding replaces the Delta's tensors: packed records cannot grow
+        ranks = {}
         for path, site in sites(host.model):
             delta = site.deltas[name] if name in site.deltas else None
+            if isinstance(delta, LoraParameters):  # not padded: their rank and scale stay, by pattern
+                for n, f in delta.factors.items():
+                    key = re.escape(f"{path}.{n}")
+                    ranks[key] = f.r
+                    alphas[key] = f.scaling * (math.sqrt(f.r) if cfg.use_rslora else f.r)
+                continue
             if delta is None or not _is_lora(delta):
                 continue
             if delta.r > target_rank:
                 raise ValueError(f"{name!r} has rank {delta.r} at {path}, above target_rank={target_rank}.")
             _pad_delta(delta, target_rank)
             alphas[re.escape(path)] = delta.scaling * (math.sqrt(target_rank) if cfg.use_rslora else target_rank)
-        host.peft_config[name] = dataclasses.replace(cfg, r=target_rank, rank_pattern={}, alpha_pattern=alphas)
+        host.peft_config[name] = dataclasses.replace(cfg, r=target_rank, rank_pattern=ranks, alpha_pattern=alphas)
     host.set_adapter(host.active_adapters)
 
 
