@@ -164,7 +164,8 @@ _CACHES = frozenset({"_run", "_pre", "_replace", "_into"})
 class Site(BaseLayerPassthrough):
     """Wraps one targeted module and applies the active adapters' Deltas to its output."""
 
-    _cast_input = True  # see cast_input_dtype_enabled
+    #: PEFT's ``cast_input_dtype_enabled`` (class default; set per Site by the property)
+    _cast_input = True
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -181,9 +182,6 @@ class Site(BaseLayerPassthrough):
         #: how many Deltas here are full copies (``modules_to_save``); kept so that walking the
         #: model does not scan every adapter of every site
         self.copies = 0
-        #: PEFT's ``cast_input_dtype_enabled``: the input is cast to each adapter's dtype (False:
-        #: left as it comes, for hooks that cast layer by layer; peftkit.helpers.disable_input_dtype_casting)
-        object.__setattr__(self, "_cast_input", True)
 
     @property
     def cast_input_dtype_enabled(self) -> bool:
